@@ -1,0 +1,31 @@
+"""kandinsky5: an inference engine for the Kandinsky 5.0 video diffusion models.
+
+The public API mirrors diffusers': swap ``from diffusers import ...`` for ``from kandinsky5 import ...``.
+Names are imported on first use, so ``import kandinsky5`` (and the CLI's start) stays cheap.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Kandinsky5T2VPipeline": "kandinsky5.pipelines.t2v",
+    "Kandinsky5Transformer3DModel": "kandinsky5.models.dit",
+    "AutoencoderKLHunyuanVideo": "kandinsky5.models.vae",
+    "FlowMatchEulerDiscreteScheduler": "kandinsky5.sampling.scheduler",
+    "KandinskyPipelineOutput": "kandinsky5.pipelines.output",
+    "export_to_video": "kandinsky5.io",
+    "load_image": "kandinsky5.io",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kandinsky5' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,0 +1,382 @@
+"""The Kandinsky 5 diffusion transformer (DiT).
+
+Only the network lives here. Parameter names equal those of the official Diffusers checkpoints. Float32
+islands (time embedding, modulation, the norm-modulate and gate-residual arithmetic) follow the reference; the
+model's own dtype is used everywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from kandinsky5.attention import attention, attention_backend
+from kandinsky5.attention.backends import validate_backend
+from kandinsky5.attention.nabla import (
+    expand_block_mask,
+    from_fractal_order,
+    nabla_block_mask,
+    to_fractal_order,
+)
+from kandinsky5.models.base import ComponentConfig, ModelBase
+
+ROPE_MAX_PERIOD = 10000.0
+TIME_MAX_PERIOD = 10000.0
+# The reference rounds rotated queries and keys to bfloat16, whatever the model dtype; exact mode does too.
+ROPE_OUTPUT_DTYPE = torch.bfloat16
+
+
+@dataclasses.dataclass
+class TransformerConfig(ComponentConfig):
+    in_visual_dim: int = 4
+    in_text_dim: int = 3584
+    in_text_dim2: int = 768
+    time_dim: int = 512
+    out_visual_dim: int = 4
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    model_dim: int = 2048
+    ff_dim: int = 5120
+    num_text_blocks: int = 2
+    num_visual_blocks: int = 32
+    axes_dims: tuple[int, int, int] = (16, 24, 24)
+    visual_cond: bool = False
+    attention_type: str = "regular"
+    attention_causal: bool | None = None
+    attention_local: bool | None = None
+    attention_glob: bool | None = None
+    attention_window: int | None = None
+    attention_P: float | None = None
+    attention_wT: int | None = None
+    attention_wW: int | None = None
+    attention_wH: int | None = None
+    attention_add_sta: bool | None = None
+    attention_method: str | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return sum(self.axes_dims)
+
+    @property
+    def uses_nabla(self) -> bool:
+        return self.attention_type == "nabla"
+
+    @property
+    def visual_input_dim(self) -> int:
+        # noise latents, then (when visual_cond) the condition latents and a one-channel condition mask
+        return 2 * self.in_visual_dim + 1 if self.visual_cond else self.in_visual_dim
+
+
+def rope_frequencies(dim: int, max_period: float) -> torch.Tensor:
+    """Frequencies of the reference's sinusoidal embeddings, computed the same way in float32."""
+    return torch.exp(-math.log(max_period) * torch.arange(start=0, end=dim, dtype=torch.float32) / dim)
+
+
+def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
+    """``(..., n)`` angles -> ``(..., 1, n, 2, 2)`` rotation matrices (the head axis is left to broadcast)."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rope = torch.stack([cos, -sin, sin, cos], dim=-1)
+    return rope.view(*rope.shape[:-1], 2, 2).unsqueeze(-4)
+
+
+@lru_cache(maxsize=16)
+def _text_rope(length: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    positions = torch.arange(length, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, rope_frequencies(head_dim // 2, ROPE_MAX_PERIOD).to(device))
+    return rotation_matrices(angles).unsqueeze(0)  # (1, L, 1, D/2, 2, 2)
+
+
+@lru_cache(maxsize=16)
+def _visual_rope(
+    grid: tuple[int, int, int],
+    axes_dims: tuple[int, int, int],
+    scale_factor: tuple[float, float, float],
+    fractal: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """RoPE table of a latent token grid ``(T, H, W)``, flattened to ``(1, T*H*W, 1, D/2, 2, 2)``."""
+    per_axis = []
+    for size, dim, scale in zip(grid, axes_dims, scale_factor, strict=True):
+        positions = torch.arange(size, dtype=torch.float32, device=device)
+        per_axis.append(torch.outer(positions, rope_frequencies(dim // 2, ROPE_MAX_PERIOD).to(device)) / scale)
+    t, h, w = grid
+    angles = torch.cat(
+        [
+            per_axis[0].view(t, 1, 1, -1).expand(t, h, w, -1),
+            per_axis[1].view(1, h, 1, -1).expand(t, h, w, -1),
+            per_axis[2].view(1, 1, w, -1).expand(t, h, w, -1),
+        ],
+        dim=-1,
+    ).unsqueeze(0)
+    rope = rotation_matrices(angles)  # (1, T, H, W, 1, D/2, 2, 2)
+    return to_fractal_order(rope) if fractal else rope.flatten(1, 3)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate ``(batch, seq, heads, head_dim)`` pairs by ``rope``, in float32 as the reference does."""
+    pairs = x.reshape(*x.shape[:-1], -1, 1, 2).to(torch.float32)
+    return (rope * pairs).sum(dim=-1).reshape(x.shape).to(ROPE_OUTPUT_DTYPE).type_as(x)
+
+
+def modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in float32, stored in ``x``'s dtype."""
+    return (norm(x.float()) * (scale.float() + 1.0) + shift.float()).type_as(x)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x + gate * out`` in float32, stored in ``x``'s dtype."""
+    return (x.float() + gate.float() * out.float()).type_as(x)
+
+
+class TimeEmbeddings(nn.Module):
+    def __init__(self, model_dim: int, time_dim: int):
+        super().__init__()
+        self.model_dim = model_dim
+        self.in_layer = nn.Linear(model_dim, time_dim, bias=True)
+        self.activation = nn.SiLU()
+        self.out_layer = nn.Linear(time_dim, time_dim, bias=True)
+
+    def forward(self, time: torch.Tensor) -> torch.Tensor:
+        freqs = rope_frequencies(self.model_dim // 2, TIME_MAX_PERIOD).to(time.device)
+        args = torch.outer(time.to(torch.float32), freqs)
+        embed = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.out_layer(self.activation(self.in_layer(embed)))
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, text_dim: int, model_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(text_dim, model_dim, bias=True)
+        self.norm = nn.LayerNorm(model_dim, elementwise_affine=True)
+
+    def forward(self, text_embed: torch.Tensor) -> torch.Tensor:
+        text_embed = self.in_layer(text_embed)
+        return self.norm(text_embed).type_as(text_embed)
+
+
+class VisualEmbeddings(nn.Module):
+    def __init__(self, visual_dim: int, model_dim: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_layer = nn.Linear(math.prod(patch_size) * visual_dim, model_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h, w, c = x.shape
+        pt, ph, pw = self.patch_size
+        x = x.view(b, t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7).flatten(4, 7)
+        return self.in_layer(x)
+
+
+class Modulation(nn.Module):
+    def __init__(self, time_dim: int, model_dim: int, num_params: int):
+        super().__init__()
+        self.activation = nn.SiLU()
+        self.out_layer = nn.Linear(time_dim, num_params * model_dim)
+
+    def forward(self, time_embed: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(self.activation(time_embed))
+
+
+class Attention(nn.Module):
+    def __init__(self, num_channels: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_channels // head_dim
+        self.to_query = nn.Linear(num_channels, num_channels, bias=True)
+        self.to_key = nn.Linear(num_channels, num_channels, bias=True)
+        self.to_value = nn.Linear(num_channels, num_channels, bias=True)
+        self.query_norm = nn.RMSNorm(head_dim)
+        self.key_norm = nn.RMSNorm(head_dim)
+        self.out_layer = nn.Linear(num_channels, num_channels, bias=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        rope: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        sparse: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        context = x if context is None else context
+        query = self.to_query(x).unflatten(-1, (self.num_heads, -1))
+        key = self.to_key(context).unflatten(-1, (self.num_heads, -1))
+        value = self.to_value(context).unflatten(-1, (self.num_heads, -1))
+        query = self.query_norm(query.float()).type_as(query)
+        key = self.key_norm(key.float()).type_as(key)
+        if rope is not None:
+            query = apply_rope(query, rope)
+            key = apply_rope(key, rope)
+        if sparse is not None:
+            blocks = nabla_block_mask(query, key, sparse["sta_mask"], sparse["P"])
+            mask = expand_block_mask(blocks)
+        out = attention(query, key, value, mask=mask)
+        return self.out_layer(out.flatten(-2, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ff_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(dim, ff_dim, bias=False)
+        self.activation = nn.GELU()
+        self.out_layer = nn.Linear(ff_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(self.activation(self.in_layer(x)))
+
+
+class TextBlock(nn.Module):
+    """Self-attention and feed-forward over the text tokens."""
+
+    def __init__(self, model_dim: int, time_dim: int, ff_dim: int, head_dim: int):
+        super().__init__()
+        self.text_modulation = Modulation(time_dim, model_dim, 6)
+        self.self_attention_norm = nn.LayerNorm(model_dim, elementwise_affine=False)
+        self.self_attention = Attention(model_dim, head_dim)
+        self.feed_forward_norm = nn.LayerNorm(model_dim, elementwise_affine=False)
+        self.feed_forward = FeedForward(model_dim, ff_dim)
+
+    def forward(self, x, time_embed, rope, text_mask=None) -> torch.Tensor:
+        shift, scale, gate, ff_shift, ff_scale, ff_gate = self.text_modulation(time_embed).unsqueeze(1).chunk(6, -1)
+        out = self.self_attention(modulate(self.self_attention_norm, x, shift, scale), rope=rope, mask=text_mask)
+        x = gated_residual(x, gate, out)
+        out = self.feed_forward(modulate(self.feed_forward_norm, x, ff_shift, ff_scale))
+        return gated_residual(x, ff_gate, out)
+
+
+class VisualBlock(nn.Module):
+    """Self-attention over the video tokens, cross-attention to the text, feed-forward."""
+
+    def __init__(self, model_dim: int, time_dim: int, ff_dim: int, head_dim: int):
+        super().__init__()
+        self.visual_modulation = Modulation(time_dim, model_dim, 9)
+        self.self_attention_norm = nn.LayerNorm(model_dim, elementwise_affine=False)
+        self.self_attention = Attention(model_dim, head_dim)
+        self.cross_attention_norm = nn.LayerNorm(model_dim, elementwise_affine=False)
+        self.cross_attention = Attention(model_dim, head_dim)
+        self.feed_forward_norm = nn.LayerNorm(model_dim, elementwise_affine=False)
+        self.feed_forward = FeedForward(model_dim, ff_dim)
+
+    def forward(self, x, text, time_embed, rope, sparse=None, text_mask=None) -> torch.Tensor:
+        params = self.visual_modulation(time_embed).unsqueeze(1).chunk(9, -1)
+        (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate, ff_shift, ff_scale, ff_gate) = params
+        out = self.self_attention(modulate(self.self_attention_norm, x, sa_shift, sa_scale), rope=rope, sparse=sparse)
+        x = gated_residual(x, sa_gate, out)
+        out = self.cross_attention(modulate(self.cross_attention_norm, x, ca_shift, ca_scale), text, mask=text_mask)
+        x = gated_residual(x, ca_gate, out)
+        out = self.feed_forward(modulate(self.feed_forward_norm, x, ff_shift, ff_scale))
+        return gated_residual(x, ff_gate, out)
+
+
+class OutLayer(nn.Module):
+    def __init__(self, model_dim: int, time_dim: int, visual_dim: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.patch_size = patch_size
+        self.modulation = Modulation(time_dim, model_dim, 2)
+        self.norm = nn.LayerNorm(model_dim, elementwise_affine=False)
+        self.out_layer = nn.Linear(model_dim, math.prod(patch_size) * visual_dim, bias=True)
+
+    def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(time_embed).chunk(2, -1)
+        x = modulate(self.norm, x, shift[:, None, None, None], scale[:, None, None, None])
+        x = self.out_layer(x)
+        b, t, h, w, _ = x.shape
+        pt, ph, pw = self.patch_size
+        x = x.view(b, t, h, w, -1, pt, ph, pw).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return x.reshape(b, t * pt, h * ph, w * pw, -1)
+
+
+class Kandinsky5Transformer3DModel(ModelBase):
+    """The Kandinsky 5 DiT. Inputs and outputs are channels-last latents ``(batch, T, H, W, C)``."""
+
+    config_class = TransformerConfig
+    _keep_in_fp32_modules = ("time_embeddings", "modulation", "visual_modulation", "text_modulation")
+    # Regional compilation targets (see kandinsky5.runtime).
+    _repeated_blocks = ("TextBlock", "VisualBlock")
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        c = config
+        self.attention_backend: str | None = None
+        self.time_embeddings = TimeEmbeddings(c.model_dim, c.time_dim)
+        self.text_embeddings = TextEmbeddings(c.in_text_dim, c.model_dim)
+        self.pooled_text_embeddings = TextEmbeddings(c.in_text_dim2, c.time_dim)
+        self.visual_embeddings = VisualEmbeddings(c.visual_input_dim, c.model_dim, c.patch_size)
+        self.text_transformer_blocks = nn.ModuleList(
+            TextBlock(c.model_dim, c.time_dim, c.ff_dim, c.head_dim) for _ in range(c.num_text_blocks)
+        )
+        self.visual_transformer_blocks = nn.ModuleList(
+            VisualBlock(c.model_dim, c.time_dim, c.ff_dim, c.head_dim) for _ in range(c.num_visual_blocks)
+        )
+        self.out_layer = OutLayer(c.model_dim, c.time_dim, c.out_visual_dim, c.patch_size)
+
+    @property
+    def visual_cond(self) -> bool:
+        return self.config.visual_cond
+
+    def set_attention_backend(self, name: str | None) -> None:
+        """Attention backend for this model's forward (``None``: the process default); see kandinsky5.attention."""
+        self.attention_backend = None if name is None else validate_backend(name, self.device)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        visual_rope_pos: Any = None,
+        text_rope_pos: Any = None,
+        scale_factor: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        sparse_params: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ):
+        """One denoiser evaluation.
+
+        ``visual_rope_pos``/``text_rope_pos`` are accepted for reference compatibility; positions are always
+        ``0..n-1`` along each axis, so the tables are derived from the shapes and cached.
+        ``encoder_attention_mask`` (``(batch, text_len)``, True for real tokens) keeps real tokens from attending
+        to padding when prompts of different lengths share a batch (the reference lets them).
+        """
+        with attention_backend(self.attention_backend):
+            sample = self._forward(
+                hidden_states,
+                encoder_hidden_states,
+                timestep,
+                pooled_projections,
+                scale_factor,
+                sparse_params,
+                encoder_attention_mask,
+            )
+        if not return_dict:
+            return (sample,)
+        return Transformer3DOutput(sample=sample)
+
+    def _forward(self, x, text, timestep, pooled, scale_factor, sparse, text_valid) -> torch.Tensor:
+        text = self.text_embeddings(text)
+        time_embed = self.time_embeddings(timestep) + self.pooled_text_embeddings(pooled)
+        visual = self.visual_embeddings(x)
+
+        text_mask = None if text_valid is None else text_valid[:, None, None, :].to(text.device, torch.bool)
+        head_dim = self.config.head_dim
+        text_rope = _text_rope(text.shape[1], head_dim, text.device)
+        for block in self.text_transformer_blocks:
+            text = block(text, time_embed, text_rope, text_mask)
+
+        grid = tuple(visual.shape[1:4])
+        fractal = bool(sparse is not None and sparse.get("to_fractal", False))
+        rope = _visual_rope(
+            grid, tuple(self.config.axes_dims), tuple(float(s) for s in scale_factor), fractal, visual.device
+        )
+        visual = to_fractal_order(visual) if fractal else visual.flatten(1, 3)
+        for block in self.visual_transformer_blocks:
+            visual = block(visual, text, time_embed, rope, sparse, text_mask)
+        visual = from_fractal_order(visual, grid) if fractal else visual.unflatten(1, grid)
+        return self.out_layer(visual, time_embed)
+
+
+@dataclasses.dataclass
+class Transformer3DOutput:
+    sample: torch.Tensor

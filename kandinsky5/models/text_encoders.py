@@ -1,0 +1,131 @@
+"""Text conditioning: Qwen2.5-VL hidden states of the templated prompt, and CLIP's pooled output.
+
+The networks are transformers' own; this module holds the prompt template, the cleaning, the truncation and
+the crop of the template prefix, all as the reference does them.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+VIDEO_PROMPT_TEMPLATE = "\n".join(
+    [
+        "<|im_start|>system\nYou are a prompt engineer. Describe the video in detail.",
+        "Describe how the camera moves or shakes, describe the zoom and view angle, whether it follows the objects.",
+        "Describe the location of the video, main characters or objects and their action.",
+        "Describe the dynamism of the video and presented actions.",
+        "Name the visual style of the video: whether it is a professional footage, user generated content, some kind"
+        " of animation, video game or scren content.",
+        "Describe the visual effects, postprocessing and transitions if they are presented in the video.",
+        "Pay attention to the order of key actions shown in the scene.<|im_end|>",
+        "<|im_start|>user\n{}<|im_end|>",
+    ]
+)
+# When it reports what truncation removed, the reference drops this many tokens at the end of the ids and keeps
+# this many fewer than max_sequence_length; we do the same so the cut text, and so the embeddings, are equal.
+TEMPLATE_SUFFIX_TOKENS = 2
+MAX_SEQUENCE_LENGTH_LIMIT = 1024
+
+
+def prompt_clean(text: str) -> str:
+    """HTML-unescape (twice), fix text with ftfy when installed, collapse white space — as the reference."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def template_prefix_length(tokenizer, template: str = VIDEO_PROMPT_TEMPLATE) -> int:
+    """Number of tokens of the template before the prompt: the part cropped from the encoder's output."""
+    prefix = template.split("{}")[0]
+    prefix_ids = tokenizer(prefix)["input_ids"]
+    probe_ids = tokenizer(template.format("probe"))["input_ids"]
+    if list(probe_ids[: len(prefix_ids)]) != list(prefix_ids):
+        raise ValueError("The tokenizer splits the prompt template differently at the prompt boundary")
+    return len(prefix_ids)
+
+
+def load_tokenizers(root: Path):
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"))
+    return tokenizer, tokenizer_2
+
+
+def load_text_encoders(root: Path, torch_dtype: torch.dtype | None):
+    from transformers import CLIPTextModel, Qwen2_5_VLForConditionalGeneration
+
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root / "text_encoder"), **kwargs)
+    text_encoder_2 = CLIPTextModel.from_pretrained(str(root / "text_encoder_2"), **kwargs)
+    return text_encoder.eval().requires_grad_(False), text_encoder_2.eval().requires_grad_(False)
+
+
+def truncate_prompts(tokenizer, texts: list[str], prefix_len: int, max_sequence_length: int) -> list[str]:
+    """Shorten templated prompts whose prompt part exceeds ``max_sequence_length`` tokens, warning with the text
+    that was cut. Follows the reference's character-level cut so that results stay equal."""
+    ids = tokenizer(text=texts, return_tensors="pt", padding="longest")["input_ids"]
+    if ids.shape[-1] <= prefix_len + max_sequence_length:
+        return texts
+    out = list(texts)
+    for i, text in enumerate(texts):
+        prompt_tokens = ids[i][prefix_len:-TEMPLATE_SUFFIX_TOKENS]
+        removed = tokenizer.decode(prompt_tokens[max_sequence_length - TEMPLATE_SUFFIX_TOKENS :])
+        if removed:
+            out[i] = text[: -len(removed)]
+            logger.warning(
+                "Prompt %d is longer than max_sequence_length=%d tokens; this part was cut: %r",
+                i,
+                max_sequence_length,
+                removed,
+            )
+    return out
+
+
+def encode_qwen(
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    prefix_len: int,
+    max_sequence_length: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states of the templated prompts with the template prefix cropped, and ``cu_seqlens``."""
+    texts = [VIDEO_PROMPT_TEMPLATE.format(p) for p in prompts]
+    texts = truncate_prompts(tokenizer, texts, prefix_len, max_sequence_length)
+    inputs = tokenizer(
+        text=texts, max_length=prefix_len + max_sequence_length, truncation=True, return_tensors="pt", padding=True
+    ).to(device)
+    hidden = text_encoder(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True
+    ).hidden_states[-1]
+    embeds = hidden[:, prefix_len:]
+    lengths = inputs["attention_mask"][:, prefix_len:].sum(1)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32)
+    return embeds.to(dtype), cu_seqlens
+
+
+def encode_clip(tokenizer_2, text_encoder_2, prompts: list[str], device: torch.device, dtype: torch.dtype):
+    """CLIP's pooled output for the bare prompts, padded and truncated to CLIP's context length."""
+    inputs = tokenizer_2(
+        prompts,
+        max_length=text_encoder_2.config.max_position_embeddings,
+        truncation=True,
+        add_special_tokens=True,
+        padding="max_length",
+        return_tensors="pt",
+    ).to(device)
+    return text_encoder_2(**inputs).pooler_output.to(dtype)

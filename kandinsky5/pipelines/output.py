@@ -1,0 +1,41 @@
+"""Pipeline output and the conversion of decoded video to the requested type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class KandinskyPipelineOutput:
+    """``frames``: per video, a list of PIL images (``"pil"``), or an array/tensor ``(batch, frames, ...)``."""
+
+    frames: Any
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return getattr(self, index)
+        return self.to_tuple()[index]
+
+    def to_tuple(self) -> tuple:
+        return (self.frames,)
+
+
+def postprocess_video(video: torch.Tensor, output_type: str):
+    """Decoded video ``(batch, 3, frames, H, W)`` in [-1, 1] -> ``"np"`` ``(batch, frames, H, W, 3)`` float32,
+    ``"pt"`` ``(batch, frames, 3, H, W)``, or ``"pil"`` lists of images; values in [0, 1] (PIL: rounded bytes)."""
+    video = (video.permute(0, 2, 1, 3, 4) * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return video
+    array = video.permute(0, 1, 3, 4, 2).float().cpu().numpy()
+    if output_type == "np":
+        return array
+    if output_type == "pil":
+        return [[Image.fromarray(frame) for frame in (clip * 255).round().astype(np.uint8)] for clip in array]
+    raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random checkpoints in the exact Diffusers layout, written by diffusers itself.
+
+diffusers 0.42.1 is the oracle: it builds and saves the checkpoint, and its pipeline's output is what ours must
+reproduce. The text side uses the real tokenizers from ``../shared/reference/tokenizers``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+TOKENIZERS_DIR = REFERENCE_DIR / "tokenizers"
+
+QWEN_HIDDEN = 32
+CLIP_HIDDEN = 24
+LATENT_CHANNELS = 16
+
+TINY_TRANSFORMER = dict(
+    in_visual_dim=LATENT_CHANNELS,
+    out_visual_dim=LATENT_CHANNELS,
+    in_text_dim=QWEN_HIDDEN,
+    in_text_dim2=CLIP_HIDDEN,
+    time_dim=16,
+    patch_size=(1, 2, 2),
+    model_dim=32,
+    ff_dim=48,
+    num_text_blocks=1,
+    num_visual_blocks=2,
+    axes_dims=(4, 6, 6),
+    visual_cond=True,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=LATENT_CHANNELS,
+    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+    up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    scaling_factor=0.476986,
+    spatial_compression_ratio=8,
+    temporal_compression_ratio=4,
+    mid_block_add_attention=True,
+)
+NABLA_ATTENTION = dict(
+    attention_type="nabla",
+    attention_causal=False,
+    attention_local=False,
+    attention_glob=False,
+    attention_window=3,
+    attention_method="topcdf",
+    attention_P=0.8,
+    attention_add_sta=True,
+    attention_wT=11,
+    attention_wW=3,
+    attention_wH=3,
+)
+# Frames are compared at this max |difference| in float32 on CPU.
+FRAME_TOLERANCE = 1e-4
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Random weights everywhere, modulation included (the reference zero-initialises it, hiding errors);
+    norm scales near 1 so activations keep their size."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+    with torch.no_grad():
+        for module_name, sub in module.named_modules():
+            for name, param in sub.named_parameters(recurse=False):
+                noise = torch.randn(param.shape, generator=gen)
+                if isinstance(sub, norms) and name == "weight":
+                    param.copy_(1.0 + 0.1 * noise)
+                else:
+                    param.copy_(std * noise)
+
+
+def build_reference_pipeline(nabla: bool = False, seed: int = 0):
+    """A tiny diffusers Kandinsky5T2VPipeline with random weights and the real tokenizers."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
+    from diffusers import Kandinsky5Transformer3DModel as RefTransformer
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    from kandinsky5.tiny_text import build_tiny_clip_text_encoder, build_tiny_qwen_text_encoder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZERS_DIR / "qwen2_5_vl"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(TOKENIZERS_DIR / "clip_vit_large_patch14"))
+    config = dict(TINY_TRANSFORMER, **(NABLA_ATTENTION if nabla else {}))
+    transformer = RefTransformer(**config).eval()
+    randomize_(transformer, seed)
+    vae = AutoencoderKLHunyuanVideo(**TINY_VAE).eval()
+    randomize_(vae, seed + 1, std=0.1)
+    text_encoder = build_tiny_qwen_text_encoder(len(tokenizer), hidden_size=QWEN_HIDDEN, seed=seed + 2).eval()
+    text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=CLIP_HIDDEN, seed=seed + 3).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    pipe = Kandinsky5T2VPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory):
+    """(folder written by diffusers' save_pretrained, the diffusers pipeline)."""
+    pipe = build_reference_pipeline()
+    folder = tmp_path_factory.mktemp("tiny-t2v")
+    pipe.save_pretrained(str(folder))
+    return folder, pipe
+
+
+@pytest.fixture(scope="session")
+def reference_nabla_checkpoint(tmp_path_factory):
+    pipe = build_reference_pipeline(nabla=True, seed=10)
+    folder = tmp_path_factory.mktemp("tiny-t2v-nabla")
+    pipe.save_pretrained(str(folder))
+    return folder, pipe
+
+
+@pytest.fixture(scope="session")
+def our_pipeline(reference_checkpoint):
+    from kandinsky5 import Kandinsky5T2VPipeline
+
+    pipe = Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
