@@ -70,7 +70,7 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
     gen = torch.Generator().manual_seed(seed)
     norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
     with torch.no_grad():
-        for module_name, sub in module.named_modules():
+        for sub in module.modules():
             for name, param in sub.named_parameters(recurse=False):
                 noise = torch.randn(param.shape, generator=gen)
                 if isinstance(sub, norms) and name == "weight":
@@ -83,9 +83,8 @@ def build_reference_pipeline(nabla: bool = False, seed: int = 0):
     """A tiny diffusers Kandinsky5T2VPipeline with random weights and the real tokenizers."""
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
     from diffusers import Kandinsky5Transformer3DModel as RefTransformer
-    from transformers import AutoTokenizer, CLIPTokenizer
-
     from kandinsky5.tiny_text import build_tiny_clip_text_encoder, build_tiny_qwen_text_encoder
+    from transformers import AutoTokenizer, CLIPTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZERS_DIR / "qwen2_5_vl"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(TOKENIZERS_DIR / "clip_vit_large_patch14"))

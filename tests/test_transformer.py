@@ -109,10 +109,10 @@ def nabla_sparse_params(grid, config):
     from kandinsky5.pipelines.base import Kandinsky5PipelineBase
 
     t, h, w = grid
-    window = Kandinsky5PipelineBase.fast_sta_nabla(t, h // 16, w // 16, config["attention_wT"],
-                                                   config["attention_wH"], config["attention_wW"], device="cpu")
-    return {"sta_mask": window[None, None], "to_fractal": True, "P": config["attention_P"],
-            "attention_type": "nabla"}
+    window = Kandinsky5PipelineBase.fast_sta_nabla(
+        t, h // 16, w // 16, config["attention_wT"], config["attention_wH"], config["attention_wW"], device="cpu"
+    )
+    return {"sta_mask": window[None, None], "to_fractal": True, "P": config["attention_P"], "attention_type": "nabla"}
 
 
 @pytest.mark.parametrize("grid", [(2, 16, 16), (3, 16, 32)])

@@ -14,6 +14,12 @@ class CheckpointNotFoundError(FileNotFoundError):
     """Neither a local checkpoint folder nor a reachable hub repository."""
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` names a hub repository (``owner/name``) rather than a local path."""
+    path = Path(text).expanduser()
+    return not (text.startswith((".", "/", "~")) or path.exists()) and bool(_REPO_ID.match(text))
+
+
 def resolve_checkpoint(
     path_or_id: str | Path,
     revision: str | None = None,
@@ -26,8 +32,7 @@ def resolve_checkpoint(
     if path.is_dir():
         return path
     text = str(path_or_id)
-    looks_local = text.startswith((".", "/", "~")) or path.exists() or not _REPO_ID.match(text)
-    if looks_local:
+    if not is_hub_id(text):
         raise CheckpointNotFoundError(f"Model directory not found: {text}")
     try:
         from huggingface_hub import snapshot_download

@@ -7,7 +7,9 @@ receive their weights by ``load_state_dict(..., assign=True)`` without a second 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import torch
@@ -88,3 +90,15 @@ class ModelBase(nn.Module):
                 target = torch.float32 if self.keeps_fp32(name) else dtype
                 param.data = param.data.to(target)
         return self
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` in the Diffusers layout."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": type(self).__name__, **self.config.to_dict()}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+        return folder

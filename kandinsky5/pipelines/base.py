@@ -493,6 +493,13 @@ class Kandinsky5PipelineBase:
                 f"`negative_prompt` must have same length as `prompt`. Got {len(negative_prompt)} vs {len(prompt)}."
             )
 
+        effective_batch = batch_size * num_videos_per_prompt
+        if isinstance(generator, list) and len(generator) not in (1, effective_batch):
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but the effective batch size "
+                f"(prompts x num_videos_per_prompt) is {effective_batch}; pass one generator or one per video."
+            )
+
         # Text conditioning, each prompt repeated num_videos_per_prompt times.
         if prompt_embeds_qwen is None:
             prompt_embeds_qwen, prompt_embeds_clip, prompt_cu_seqlens = self.encode_prompt(
@@ -526,7 +533,6 @@ class Kandinsky5PipelineBase:
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
 
-        effective_batch = batch_size * num_videos_per_prompt
         num_channels = self.transformer.config.in_visual_dim
         latents = self.prepare_latents(
             effective_batch, num_channels, height, width, num_frames, dtype, device, generator, latents

@@ -1,0 +1,116 @@
+"""The whole text-to-video pipeline against diffusers 0.42.1 on a tiny random checkpoint, float32 on CPU."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FRAME_TOLERANCE
+
+from kandinsky5 import Kandinsky5T2VPipeline
+
+PROMPT = "A cat and a dog baking a cake together in a kitchen."
+SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=3)
+
+
+def run(pipe, seed=0, **kwargs):
+    args = dict(SMALL, prompt=PROMPT, generator=torch.Generator().manual_seed(seed), output_type="np")
+    args.update(kwargs)
+    return pipe(**args).frames
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_frames_equal_batch_1(our_pipeline, reference_checkpoint, guidance_scale):
+    _, ref = reference_checkpoint
+    expected = run(ref, guidance_scale=guidance_scale)
+    got = run(our_pipeline, guidance_scale=guidance_scale)
+    assert got.shape == expected.shape == (1, 5, 32, 48, 3)
+    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert expected.std() > 0.01  # a real picture, not a constant
+
+
+def test_frames_equal_two_videos_per_prompt(our_pipeline, reference_checkpoint):
+    _, ref = reference_checkpoint
+    expected = run(ref, num_videos_per_prompt=2, guidance_scale=4.0)
+    got = run(our_pipeline, num_videos_per_prompt=2, guidance_scale=4.0)
+    assert got.shape == expected.shape == (2, 5, 32, 48, 3)
+    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert np.abs(got[0] - got[1]).max() > 1e-3  # two different videos
+
+
+def test_latents_equal(our_pipeline, reference_checkpoint):
+    _, ref = reference_checkpoint
+    expected = run(ref, output_type="latent")
+    got = run(our_pipeline, output_type="latent")
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= FRAME_TOLERANCE
+
+
+def test_pt_and_pil_outputs_agree_with_np(our_pipeline):
+    frames_np = run(our_pipeline, guidance_scale=1.0)
+    frames_pt = run(our_pipeline, guidance_scale=1.0, output_type="pt")
+    frames_pil = run(our_pipeline, guidance_scale=1.0, output_type="pil")
+    assert frames_pt.shape == (1, 5, 3, 32, 48)
+    assert np.abs(frames_pt.permute(0, 1, 3, 4, 2).numpy() - frames_np).max() == 0
+    assert len(frames_pil) == 1 and len(frames_pil[0]) == 5 and frames_pil[0][0].size == (48, 32)
+    assert np.abs(np.asarray(frames_pil[0][2]) / 255.0 - frames_np[0, 2]).max() <= 0.5 / 255 + 1e-6
+
+
+def test_precomputed_embeddings_give_same_video(our_pipeline):
+    embeds = our_pipeline.encode_prompt(PROMPT)
+    negative = our_pipeline.encode_prompt(
+        "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
+        "walking backwards"
+    )
+    expected = run(our_pipeline)
+    got = run(
+        our_pipeline,
+        prompt=None,
+        prompt_embeds_qwen=embeds[0],
+        prompt_embeds_clip=embeds[1],
+        prompt_cu_seqlens=embeds[2],
+        negative_prompt_embeds_qwen=negative[0],
+        negative_prompt_embeds_clip=negative[1],
+        negative_prompt_cu_seqlens=negative[2],
+    )
+    assert np.abs(got - expected).max() == 0
+
+
+def test_callback_sees_and_can_replace_latents(our_pipeline):
+    seen = []
+
+    def callback(pipe, step, timestep, tensors):
+        seen.append((step, float(timestep), tensors["latents"].shape))
+        return {"latents": tensors["latents"]}
+
+    run(our_pipeline, guidance_scale=1.0, callback_on_step_end=callback, output_type="latent")
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert seen[0][1] == pytest.approx(1000.0)
+
+
+def test_loads_diffusers_save_pretrained_without_conversion(reference_checkpoint):
+    folder, ref = reference_checkpoint
+    pipe = Kandinsky5T2VPipeline.from_pretrained(folder)
+    ref_state = ref.transformer.state_dict()
+    for name, tensor in pipe.transformer.state_dict().items():
+        assert torch.equal(tensor, ref_state[name]), name
+    assert pipe.scheduler.config.shift == 5.0
+
+
+def test_bfloat16_load_keeps_fp32_islands(reference_checkpoint):
+    pipe = Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0], torch_dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert pipe.transformer.time_embeddings.in_layer.weight.dtype == torch.float32
+    assert pipe.transformer.text_transformer_blocks[0].text_modulation.out_layer.weight.dtype == torch.float32
+    assert pipe.transformer.text_transformer_blocks[0].feed_forward.in_layer.weight.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.bfloat16
+
+
+def test_nabla_checkpoint_frames_equal(reference_nabla_checkpoint):
+    """NABLA needs a token grid of 8x8 tiles: 128x128 pixels. The reference runs its flex path (unfused on CPU)."""
+    folder, ref = reference_nabla_checkpoint
+    ref.transformer.set_attention_backend("flex")
+    ours = Kandinsky5T2VPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    kwargs = dict(height=128, width=128, num_frames=5, num_inference_steps=2, guidance_scale=1.0)
+    expected = run(ref, **kwargs)
+    got = run(ours, **kwargs)
+    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
