@@ -46,8 +46,9 @@ def resolve_checkpoint(
             allow_patterns=HUB_ALLOW_PATTERNS,
         )
     except Exception as err:  # the hub client raises many kinds: offline, DNS, auth, missing repo
+        reason = " ".join(str(err).split())  # one line, whatever the hub client wrote
         raise CheckpointNotFoundError(
-            f"Could not get {text!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            f"Could not get {text!r} from the Hugging Face Hub ({type(err).__name__}: {reason}). "
             "If this machine is offline, download the checkpoint elsewhere "
             f"(e.g. `huggingface-cli download {text} --local-dir DIR`) and pass the local directory instead."
         ) from err

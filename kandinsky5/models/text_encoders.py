@@ -107,11 +107,16 @@ def encode_qwen(
     texts = [VIDEO_PROMPT_TEMPLATE.format(p) for p in prompts]
     texts = truncate_prompts(tokenizer, texts, prefix_len, max_sequence_length)
     inputs = tokenizer(
-        text=texts, max_length=prefix_len + max_sequence_length, truncation=True, return_tensors="pt", padding=True
+        text=texts,
+        max_length=prefix_len + max_sequence_length,
+        truncation=True,
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
     ).to(device)
-    hidden = text_encoder(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True
-    ).hidden_states[-1]
+    # Padding is on the right and the encoder is causal, so real tokens never see it; like the reference we pass
+    # no attention mask, which keeps even the padding positions' states equal to the reference's.
+    hidden = text_encoder(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states[-1]
     embeds = hidden[:, prefix_len:]
     lengths = inputs["attention_mask"][:, prefix_len:].sum(1)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32)

@@ -1,0 +1,245 @@
+"""Our HunyuanVideo VAE against diffusers' ``AutoencoderKLHunyuanVideo``: same parameter names, same numbers on
+every encode and decode path (direct, frame-wise temporal tiles, spatial tiles, both, batch slicing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from diffusers import AutoencoderKLHunyuanVideo as RefVAE
+from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import prepare_causal_attention_mask
+
+from kandinsky5.models.vae import AutoencoderKLHunyuanVideo, HunyuanVideoVAEConfig, causal_frame_mask
+
+# Outputs are compared at this max |difference| (float32, CPU).
+TOLERANCE = 1e-4
+LATENT_CHANNELS = 16
+# Tiny, but with all four blocks: 8x spatial and 4x temporal compression, a 16-channel latent.
+TINY_VAE = dict(
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=LATENT_CHANNELS,
+)
+# Small spatial tiles (pixels): 4x4 latent tiles with latent strides 3 (height) and 2 (width), so the sample
+# tiles overlap by 8 and 16 pixels and the latent tiles by 1 and 2 latent pixels.
+SMALL_TILES = dict(
+    tile_sample_min_height=32,
+    tile_sample_min_width=32,
+    tile_sample_stride_height=24,
+    tile_sample_stride_width=16,
+)
+NORM_SCALE_JITTER = 0.1
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def build_pair(seed: int = 0, **overrides) -> tuple[RefVAE, AutoencoderKLHunyuanVideo]:
+    """A randomly initialised diffusers VAE and ours holding the same weights (loaded strictly)."""
+    torch.manual_seed(seed)
+    ref = RefVAE(**dict(TINY_VAE, **overrides)).eval()
+    # the default init leaves the norms at identity: randomise them too, so a swapped norm cannot hide
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.add_(NORM_SCALE_JITTER * torch.randn_like(module.weight))
+                module.bias.normal_(std=NORM_SCALE_JITTER)
+    ours = AutoencoderKLHunyuanVideo.from_config(dict(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return build_pair()
+
+
+@pytest.fixture()
+def tiled_pair():
+    ref, ours = build_pair()
+    ref.enable_tiling(**SMALL_TILES)
+    ours.enable_tiling(**SMALL_TILES)
+    return ref, ours
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_state_dict_keys_and_shapes_equal_diffusers(attention):
+    ref, ours = build_pair(mid_block_add_attention=attention)
+    ref_shapes = [(k, tuple(v.shape)) for k, v in ref.state_dict().items()]
+    our_shapes = [(k, tuple(v.shape)) for k, v in ours.state_dict().items()]
+    assert our_shapes == ref_shapes
+    assert list(ours.buffers()) == []
+
+
+def test_config_defaults_equal_diffusers():
+    signature = inspect.signature(RefVAE.__init__).parameters
+    for field in dataclasses.fields(HunyuanVideoVAEConfig):
+        default = signature[field.name].default
+        ours = getattr(HunyuanVideoVAEConfig(), field.name)
+        assert ours == (tuple(default) if isinstance(default, list) else default), field.name
+    assert set(signature) - {"self"} == {f.name for f in dataclasses.fields(HunyuanVideoVAEConfig)}
+
+
+def test_tiling_switches_and_defaults_equal_diffusers():
+    ref, ours = build_pair()
+    names = [
+        "use_slicing",
+        "use_tiling",
+        "use_framewise_encoding",
+        "use_framewise_decoding",
+        "tile_sample_min_height",
+        "tile_sample_min_width",
+        "tile_sample_min_num_frames",
+        "tile_sample_stride_height",
+        "tile_sample_stride_width",
+        "tile_sample_stride_num_frames",
+        "spatial_compression_ratio",
+        "temporal_compression_ratio",
+    ]
+    assert {n: getattr(ours, n) for n in names} == {n: getattr(ref, n) for n in names}
+    ref.enable_tiling(**SMALL_TILES)
+    ours.enable_tiling(**SMALL_TILES)
+    assert {n: getattr(ours, n) for n in names} == {n: getattr(ref, n) for n in names}
+    ours.disable_tiling()
+    assert ours.use_tiling is False
+
+
+def test_causal_frame_mask_equals_diffusers():
+    ref = prepare_causal_attention_mask(3, 4, torch.float32, torch.device("cpu"))
+    assert torch.equal(causal_frame_mask(3, 4, torch.float32, torch.device("cpu")), ref)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 3, 9, 32, 32),  # a short video
+        (1, 3, 1, 32, 32),  # an image
+        (2, 3, 5, 16, 24),  # a batch, non-square
+        (1, 3, 25, 16, 16),  # more than 16 frames: the frame-wise (temporal tiled) path
+    ],
+    ids=["video", "image", "batch", "framewise"],
+)
+@torch.no_grad()
+def test_encode_matches_diffusers(pair, shape):
+    ref, ours = pair
+    video = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ref_dist, our_dist = ref.encode(video).latent_dist, ours.encode(video).latent_dist
+    assert our_dist.mean.shape == (shape[0], LATENT_CHANNELS, (shape[2] - 1) // 4 + 1, shape[3] // 8, shape[4] // 8)
+    assert max_diff(our_dist.mean, ref_dist.mean) <= TOLERANCE
+    assert max_diff(our_dist.std, ref_dist.std) <= TOLERANCE
+    assert max_diff(our_dist.mode(), ref_dist.mode()) <= TOLERANCE
+    ref_sample = ref_dist.sample(generator=torch.Generator().manual_seed(7))
+    our_sample = our_dist.sample(generator=torch.Generator().manual_seed(7))
+    assert max_diff(our_sample, ref_sample) <= TOLERANCE
+    (tuple_dist,) = ours.encode(video, return_dict=False)
+    assert torch.equal(tuple_dist.mean, our_dist.mean)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, LATENT_CHANNELS, 3, 4, 6),  # direct path, non-square
+        (1, LATENT_CHANNELS, 1, 4, 4),  # an image latent
+        (1, LATENT_CHANNELS, 7, 4, 6),  # more than 4 latent frames: the frame-wise (temporal tiled) path
+    ],
+    ids=["video", "image", "framewise"],
+)
+@torch.no_grad()
+def test_decode_matches_diffusers(pair, shape):
+    ref, ours = pair
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    expected = ref.decode(latents).sample
+    decoded = ours.decode(latents).sample
+    assert decoded.shape == (1, 3, (shape[2] - 1) * 4 + 1, shape[3] * 8, shape[4] * 8)
+    assert max_diff(decoded, expected) <= TOLERANCE
+    (as_tuple,) = ours.decode(latents, return_dict=False)
+    assert torch.equal(as_tuple, decoded)
+
+
+@torch.no_grad()
+def test_framewise_decode_blends_tiles(pair):
+    """The frame-wise path is really taken (and differs from one-shot decoding, as in the reference)."""
+    ref, ours = pair
+    latents = torch.randn(1, LATENT_CHANNELS, 7, 4, 6, generator=torch.Generator().manual_seed(3))
+    framewise = ours.decode(latents).sample
+    ours.use_framewise_decoding = ref.use_framewise_decoding = False
+    try:
+        one_shot, ref_one_shot = ours.decode(latents).sample, ref.decode(latents).sample
+    finally:
+        ours.use_framewise_decoding = ref.use_framewise_decoding = True
+    assert max_diff(one_shot, ref_one_shot) <= TOLERANCE
+    assert max_diff(framewise, one_shot) > TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, LATENT_CHANNELS, 2, 7, 9), (1, LATENT_CHANNELS, 7, 5, 6)],
+    ids=["spatial", "spatial+framewise"],
+)
+@torch.no_grad()
+def test_tiled_decode_matches_diffusers(tiled_pair, shape):
+    ref, ours = tiled_pair
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    tiled = ours.decode(latents).sample
+    assert max_diff(tiled, ref.decode(latents).sample) <= TOLERANCE
+    ours.disable_tiling()
+    assert max_diff(tiled, ours.decode(latents).sample) > TOLERANCE  # the tiles were really blended
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 48, 64), (1, 3, 21, 40, 40)], ids=["spatial", "spatial+framewise"])
+@torch.no_grad()
+def test_tiled_encode_matches_diffusers(tiled_pair, shape):
+    ref, ours = tiled_pair
+    video = torch.rand(shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    ref_dist, our_dist = ref.encode(video).latent_dist, ours.encode(video).latent_dist
+    assert max_diff(our_dist.mean, ref_dist.mean) <= TOLERANCE
+    assert max_diff(our_dist.std, ref_dist.std) <= TOLERANCE
+    ours.disable_tiling()
+    assert max_diff(our_dist.mean, ours.encode(video).latent_dist.mean) > TOLERANCE
+
+
+@torch.no_grad()
+def test_sliced_batch_matches_diffusers():
+    ref, ours = build_pair()
+    ref.enable_slicing()
+    ours.enable_slicing()
+    latents = torch.randn(2, LATENT_CHANNELS, 2, 4, 4, generator=torch.Generator().manual_seed(6))
+    assert max_diff(ours.decode(latents).sample, ref.decode(latents).sample) <= TOLERANCE
+    video = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(6))
+    assert max_diff(ours.encode(video).latent_dist.mean, ref.encode(video).latent_dist.mean) <= TOLERANCE
+
+
+@torch.no_grad()
+def test_no_attention_variant_matches_diffusers():
+    ref, ours = build_pair(mid_block_add_attention=False)
+    latents = torch.randn(1, LATENT_CHANNELS, 2, 4, 4, generator=torch.Generator().manual_seed(8))
+    assert max_diff(ours.decode(latents).sample, ref.decode(latents).sample) <= TOLERANCE
+
+
+@torch.no_grad()
+def test_meta_construction_and_assign_loading(pair):
+    ref, ours = pair
+    with torch.device("meta"):
+        lazy = AutoencoderKLHunyuanVideo(HunyuanVideoVAEConfig(**TINY_VAE))
+    assert all(p.is_meta for p in lazy.parameters())
+    lazy.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    lazy.eval()
+    assert not any(p.is_meta for p in lazy.parameters())
+    assert lazy.device == torch.device("cpu") and lazy.dtype == torch.float32
+    latents = torch.randn(1, LATENT_CHANNELS, 2, 4, 6, generator=torch.Generator().manual_seed(9))
+    assert max_diff(lazy.decode(latents).sample, ref.decode(latents).sample) <= TOLERANCE
+    assert torch.equal(lazy.decode(latents).sample, ours.decode(latents).sample)
+
+
+@torch.no_grad()
+def test_forward_round_trip_matches_diffusers(pair):
+    ref, ours = pair
+    video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    expected = ref(video, sample_posterior=True, generator=torch.Generator().manual_seed(11)).sample
+    result = ours(video, sample_posterior=True, generator=torch.Generator().manual_seed(11)).sample
+    assert max_diff(result, expected) <= TOLERANCE
