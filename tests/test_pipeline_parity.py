@@ -118,3 +118,13 @@ def test_nabla_checkpoint_frames_equal(reference_nabla_checkpoint):
         ref.transformer.set_attention_backend("native")
     got = run(ours, **kwargs)
     assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+
+
+def test_frames_equal_with_framewise_vae_decode(our_pipeline, reference_checkpoint):
+    """25 frames = 7 latent frames: the VAE decodes in overlapping time chunks (the reference's default)."""
+    _, ref = reference_checkpoint
+    kwargs = dict(height=64, width=64, num_frames=25, num_inference_steps=2)
+    expected = run(ref, **kwargs)
+    got = run(our_pipeline, **kwargs)
+    assert got.shape == (1, 25, 64, 64, 3)
+    assert np.abs(got - expected).max() <= FRAME_TOLERANCE

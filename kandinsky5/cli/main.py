@@ -119,10 +119,12 @@ def cmd_generate(args) -> int:
     device, dtype = _device_and_dtype(args)
 
     import torch
+    from transformers.utils import logging as transformers_logging
 
     from kandinsky5 import Kandinsky5T2VPipeline
     from kandinsky5.io import export_to_video, save_frames_fallback
 
+    transformers_logging.disable_progress_bar()  # one progress bar: ours, for sampling
     start = time.perf_counter()
     pipe = Kandinsky5T2VPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
