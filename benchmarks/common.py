@@ -1,0 +1,143 @@
+"""Shared helpers of the benchmark scripts: model configs, timing, environment facts and JSON results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Transformer configs of the official checkpoints (Pro: shared/reference/checkpoint-pro-5s/transformer/config.json;
+# Lite: the published Lite config). Benchmarks run them dense unless asked otherwise.
+LITE = dict(
+    in_visual_dim=16,
+    out_visual_dim=16,
+    in_text_dim=3584,
+    in_text_dim2=768,
+    time_dim=512,
+    patch_size=(1, 2, 2),
+    model_dim=1792,
+    ff_dim=7168,
+    num_text_blocks=2,
+    num_visual_blocks=32,
+    axes_dims=(16, 24, 24),
+    visual_cond=True,
+)
+PRO = dict(
+    in_visual_dim=16,
+    out_visual_dim=16,
+    in_text_dim=3584,
+    in_text_dim2=768,
+    time_dim=1024,
+    patch_size=(1, 2, 2),
+    model_dim=4096,
+    ff_dim=16384,
+    num_text_blocks=4,
+    num_visual_blocks=60,
+    axes_dims=(32, 48, 48),
+    visual_cond=True,
+)
+# A tiny config for --smoke runs on a CPU (checks the script, measures nothing worth reporting).
+SMOKE = dict(
+    in_visual_dim=16,
+    out_visual_dim=16,
+    in_text_dim=64,
+    in_text_dim2=32,
+    time_dim=32,
+    patch_size=(1, 2, 2),
+    model_dim=64,
+    ff_dim=128,
+    num_text_blocks=1,
+    num_visual_blocks=2,
+    axes_dims=(4, 6, 6),
+    visual_cond=True,
+)
+CONFIGS = {"lite": LITE, "pro": PRO, "smoke": SMOKE}
+
+# Measured ceilings on an H100 (shared/reference/README.md), for the roofline fraction.
+DENSE_MATMUL_TFLOPS = 740.0
+ATTENTION_TFLOPS = {64: 484.0, 128: 623.0}  # cuDNN, by head_dim
+
+
+def transformer_flops(config: dict, visual_tokens: int, text_tokens: int) -> dict[str, float]:
+    """FLOPs of one DiT forward: 2 per multiply-add of every linear layer, 4*Lq*Lk*d per attention."""
+    d, ff = config["model_dim"], config["ff_dim"]
+    blocks, text_blocks = config["num_visual_blocks"], config["num_text_blocks"]
+    per_token_visual = 2 * (4 * d * d + 2 * d * d + 2 * d * ff)  # self qkvo, cross q + o, feed-forward
+    cross_kv = 2 * text_tokens * 2 * d * d
+    linear = blocks * (visual_tokens * per_token_visual + cross_kv)
+    linear += text_blocks * text_tokens * 2 * (4 * d * d + 2 * d * ff)
+    attention = blocks * (4 * visual_tokens * visual_tokens * d + 4 * visual_tokens * text_tokens * d)
+    attention += text_blocks * 4 * text_tokens * text_tokens * d
+    return {"linear": float(linear), "attention": float(attention)}
+
+
+def roofline_seconds(config: dict, flops: dict[str, float]) -> float:
+    head_dim = sum(config["axes_dims"])
+    attention_rate = ATTENTION_TFLOPS.get(head_dim, ATTENTION_TFLOPS[64]) * 1e12
+    return flops["linear"] / (DENSE_MATMUL_TFLOPS * 1e12) + flops["attention"] / attention_rate
+
+
+def environment() -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, object]:
+    """Mean seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / max(repeats, 1), result
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def save_results(name: str, payload: dict, smoke: bool) -> Path | None:
+    """Write ``benchmarks/results/<name>.json`` (smoke runs are printed only)."""
+    if smoke:
+        return None
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

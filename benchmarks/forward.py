@@ -1,0 +1,130 @@
+"""One DiT forward, ours next to diffusers', on the same random weights in one process.
+
+    python benchmarks/forward.py --model lite              # 512x768x121, bf16, on the GPU
+    python benchmarks/forward.py --model pro --repeats 2
+    python benchmarks/forward.py --smoke                   # tiny model on the CPU: checks the script only
+
+The weights are created once (bf16, float32 islands as from_pretrained keeps them) and the same tensors are
+assigned into both models, so the only difference is the code. Prints a table and writes
+``benchmarks/results/forward-<model>-<HxWxF>.json`` with the GPU name, torch version and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from kandinsky5.models.dit import Kandinsky5Transformer3DModel  # noqa: E402
+
+VAE_SPATIAL = 8
+VAE_TEMPORAL = 4
+TEXT_TOKENS = 128  # a typical templated prompt after the prefix crop
+MODULATION_STD = 0.02
+
+
+def build_models(config: dict, device: torch.device, dtype: torch.dtype):
+    """diffusers' model with random weights, and ours holding the very same tensors (no second copy)."""
+    from diffusers import Kandinsky5Transformer3DModel as Reference
+
+    # Built at its final dtype directly, so a 19B model never exists in float32.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            reference = Reference(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if Kandinsky5Transformer3DModel.keeps_fp32(name):
+                # float32 islands, as from_pretrained keeps them; random modulation (the reference zeroes it,
+                # which would make every block an identity and the comparison empty)
+                param.data = (MODULATION_STD * torch.randn(param.shape, generator=generator, device=device)).float()
+    with torch.device("meta"):
+        ours = Kandinsky5Transformer3DModel.from_config(config)
+    ours.load_state_dict(reference.state_dict(), assign=True)
+    return ours.eval().requires_grad_(False), reference.eval().requires_grad_(False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["lite", "pro"], default="lite")
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--frames", type=int, default=121)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and size on the CPU; saves nothing")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        name, device, dtype = "smoke", torch.device("cpu"), torch.float32
+        args.height, args.width, args.frames, args.repeats = 64, 64, 5, 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA GPU (use --smoke to check the script on a CPU)")
+        name, device, dtype = args.model, torch.device("cuda"), torch.bfloat16
+    config = common.CONFIGS[name]
+    ours, reference = build_models(config, device, dtype)
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    t = (args.frames - 1) // VAE_TEMPORAL + 1
+    h, w = args.height // VAE_SPATIAL, args.width // VAE_SPATIAL
+    channels = ours.config.visual_input_dim
+    x = torch.randn(1, t, h, w, channels, generator=gen).to(device, dtype)
+    text = torch.randn(1, TEXT_TOKENS, config["in_text_dim"], generator=gen).to(device, dtype)
+    pooled = torch.randn(1, config["in_text_dim2"], generator=gen).to(device, dtype)
+    timestep = torch.tensor([950.0], device=device).to(dtype)
+    rope_pos = [torch.arange(n, device=device) for n in (t, h // 2, w // 2)]
+    text_pos = torch.arange(TEXT_TOKENS, device=device)
+    scale = (1, 2, 2)
+    visual_tokens = t * (h // 2) * (w // 2)
+
+    def run(model):
+        with torch.no_grad():
+            return model(x, text, timestep, pooled, rope_pos, text_pos, scale).sample
+
+    rows = {}
+    outputs = {}
+    for label, model in (("diffusers", reference), ("kandinsky5", ours)):
+        common.reset_peak_memory(device)
+        seconds, out = common.timed(lambda m=model: run(m), device, args.repeats)
+        outputs[label] = out
+        rows[label] = {"seconds_per_forward": seconds, "peak_memory_gib": common.peak_memory_gib(device)}
+    flops = common.transformer_flops(config, visual_tokens, TEXT_TOKENS)
+    roofline = common.roofline_seconds(config, flops)
+    for row in rows.values():
+        row["roofline_fraction"] = roofline / row["seconds_per_forward"]
+    result = {
+        **common.environment(),
+        "benchmark": "transformer forward",
+        "model": name,
+        "size": {"height": args.height, "width": args.width, "frames": args.frames, "visual_tokens": visual_tokens},
+        "dtype": str(dtype),
+        "repeats": args.repeats,
+        "flops": flops,
+        "roofline_seconds": roofline,
+        "results": rows,
+        "speedup_vs_diffusers": rows["diffusers"]["seconds_per_forward"] / rows["kandinsky5"]["seconds_per_forward"],
+        "relative_l2_vs_diffusers": common.relative_l2(outputs["kandinsky5"], outputs["diffusers"]),
+    }
+    print(f"{name} forward {args.height}x{args.width}x{args.frames} ({visual_tokens} tokens), {dtype}")
+    print(f"{'':12} {'s/forward':>10} {'peak GiB':>9} {'roofline':>9}")
+    for label, row in rows.items():
+        peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
+        print(f"{label:12} {row['seconds_per_forward']:10.3f} {peak:>9} {row['roofline_fraction']:9.2f}")
+    print(f"speed-up {result['speedup_vs_diffusers']:.2f}x, relative L2 {result['relative_l2_vs_diffusers']:.2e}")
+    path = common.save_results(f"forward-{name}-{args.height}x{args.width}x{args.frames}", result, args.smoke)
+    if path:
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

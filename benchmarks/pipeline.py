@@ -1,0 +1,223 @@
+"""The whole text-to-video pipeline, ours next to diffusers', on the same random full-size weights.
+
+    python benchmarks/pipeline.py --model lite                     # 50 steps, CFG 5, 512x768x121, bf16
+    python benchmarks/pipeline.py --model pro --height 768 --width 1024 --steps 2 --offload
+    python benchmarks/pipeline.py --smoke                          # tiny models on the CPU: checks the script
+
+Both pipelines share every weight tensor (Qwen2.5-VL-7B, CLIP-L, DiT, VAE), created once with random values;
+the real tokenizers come from ../shared/reference/tokenizers. Models are loaded before timing starts, as a user's
+second video would find them. Reported per pipeline: end-to-end seconds (text encoding + sampling + VAE decode +
+MP4), seconds per step, VAE decode seconds, peak GPU memory; and the relative L2 difference of the frames.
+Writes ``benchmarks/results/pipeline-<model>-<HxWxF>-<steps>steps[-offload].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from forward import build_models  # noqa: E402
+
+from kandinsky5 import Kandinsky5T2VPipeline, export_to_video  # noqa: E402
+from kandinsky5.models.vae import AutoencoderKLHunyuanVideo  # noqa: E402
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+PROMPT = "A cat and a dog baking a cake together in a kitchen."
+SHIFT = 5.0
+WARMUP_STEPS = 2
+SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def build_shared_components(name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random-weight components, each created once; returns kwargs for both pipelines' constructors."""
+    from diffusers import AutoencoderKLHunyuanVideo as ReferenceVAE
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "qwen2_5_vl"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "clip_vit_large_patch14"))
+    checkpoint = REFERENCE_DIR / "checkpoint-pro-5s"
+    vae_config = json.loads((checkpoint / "vae" / "config.json").read_text())
+    vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+    if name == "smoke":
+        from kandinsky5.tiny_text import build_tiny_clip_text_encoder, build_tiny_qwen_text_encoder
+
+        dit_config = dict(common.SMOKE, in_text_dim=32, in_text_dim2=32)
+        text_encoder = build_tiny_qwen_text_encoder(len(tokenizer), hidden_size=32)
+        text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=32)
+        vae_config.update(SMOKE_VAE)
+    else:
+        dit_config = common.CONFIGS[name]
+        qwen_config = Qwen2_5_VLConfig.from_pretrained(str(checkpoint / "text_encoder"))
+        clip_config = CLIPTextConfig.from_pretrained(str(checkpoint / "text_encoder_2"))
+        with torch.device(device):
+            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config, dtype=dtype)
+            text_encoder_2 = CLIPTextModel._from_config(clip_config, dtype=dtype)
+    text_encoder = text_encoder.to(device, dtype).eval().requires_grad_(False)
+    text_encoder_2 = text_encoder_2.to(device, dtype).eval().requires_grad_(False)
+    ours_dit, reference_dit = build_models(dit_config, device, dtype)
+    with torch.device(device):
+        reference_vae = ReferenceVAE(**vae_config).to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        ours_vae = AutoencoderKLHunyuanVideo.from_config(vae_config)
+    ours_vae.load_state_dict(reference_vae.state_dict(), assign=True)
+    shared = dict(
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2
+    )
+    return {
+        "ours": dict(shared, transformer=ours_dit, vae=ours_vae.eval()),
+        "reference": dict(shared, transformer=reference_dit, vae=reference_vae),
+    }
+
+
+def build_pipelines(components: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler as ReferenceScheduler
+    from diffusers import Kandinsky5T2VPipeline as ReferencePipeline
+
+    from kandinsky5 import FlowMatchEulerDiscreteScheduler
+
+    ours = Kandinsky5T2VPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), **components["ours"])
+    reference = ReferencePipeline(scheduler=ReferenceScheduler(shift=SHIFT), **components["reference"])
+    return {"diffusers": reference, "kandinsky5": ours}
+
+
+def run_pipeline(pipe, args, device: torch.device, out_dir: Path, label: str) -> tuple[dict, object]:
+    step_ends: list[float] = []
+
+    def on_step_end(_pipe, _i, _t, tensors):
+        common.synchronize(device)
+        step_ends.append(time.perf_counter())
+        return tensors
+
+    common.reset_peak_memory(device)
+    common.synchronize(device)
+    start = time.perf_counter()
+    frames = pipe(
+        prompt=PROMPT,
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        callback_on_step_end=on_step_end,
+    ).frames[0]
+    common.synchronize(device)
+    sampled_and_decoded = time.perf_counter()
+    export_to_video(frames, str(out_dir / f"{label}.mp4"), fps=24)
+    end = time.perf_counter()
+    steps = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
+    return {
+        "end_to_end_seconds": end - start,
+        "seconds_per_step": sum(steps) / len(steps) if steps else None,
+        "decode_and_export_seconds": end - step_ends[-1],
+        "mp4_seconds": end - sampled_and_decoded,
+        "peak_memory_gib": common.peak_memory_gib(device),
+    }, frames
+
+
+def time_vae_decode(pipes: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """VAE decode of the same latents through each pipeline's VAE."""
+    t = (args.frames - 1) // 4 + 1
+    latents = torch.randn(1, 16, t, args.height // 8, args.width // 8, generator=torch.Generator().manual_seed(1))
+    latents = latents.to(device, dtype)
+    results = {}
+    for label, pipe in pipes.items():
+        common.reset_peak_memory(device)
+        seconds, _ = common.timed(lambda p=pipe: p.vae.decode(latents).sample, device, repeats=1, warmup=0)
+        results[label] = {"seconds": seconds, "peak_memory_gib": common.peak_memory_gib(device)}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["lite", "pro"], default="lite")
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--frames", type=int, default=121)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload() on both pipelines")
+    parser.add_argument("--only", choices=["both", "kandinsky5", "diffusers"], default="both")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU; saves nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        name, device, dtype = "smoke", torch.device("cpu"), torch.float32
+        args.height, args.width, args.frames, args.steps = 64, 64, 9, 2
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA GPU (use --smoke to check the script on a CPU)")
+        name, device, dtype = args.model, torch.device("cuda"), torch.bfloat16
+
+    pipes = build_pipelines(build_shared_components(name, device, dtype))
+    if args.only != "both":
+        pipes = {args.only: pipes[args.only]}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+        if args.offload:
+            for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae):
+                module.to("cpu")
+            pipe.enable_model_cpu_offload(device=device)
+    rows, frames = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, pipe in pipes.items():
+            # one short run first: kernel selection, allocator growth and lazy initialisation are not timed
+            run_pipeline(pipe, argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS}), device, Path(tmp), label)
+            rows[label], frames[label] = run_pipeline(pipe, args, device, Path(tmp), label)
+    decode = {} if args.offload else time_vae_decode(pipes, args, device, dtype)
+    result = {
+        **common.environment(),
+        "benchmark": "text-to-video pipeline",
+        "model": name,
+        "size": {"height": args.height, "width": args.width, "frames": args.frames},
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "offload": args.offload,
+        "dtype": str(dtype),
+        "results": rows,
+        "vae_decode": decode,
+    }
+    if len(frames) == 2:
+        a, b = (torch.from_numpy(frames[k]) for k in ("kandinsky5", "diffusers"))
+        result["frames_relative_l2_vs_diffusers"] = common.relative_l2(a, b)
+        result["end_to_end_speedup_vs_diffusers"] = (
+            rows["diffusers"]["end_to_end_seconds"] / rows["kandinsky5"]["end_to_end_seconds"]
+        )
+    print(
+        f"{name} T2V {args.height}x{args.width}x{args.frames}, {args.steps} steps, CFG {args.guidance}, {dtype}"
+        + (", model offload" if args.offload else "")
+    )
+    print(f"{'':12} {'total s':>9} {'s/step':>8} {'peak GiB':>9}")
+    for label, row in rows.items():
+        peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
+        per_step = "-" if row["seconds_per_step"] is None else f"{row['seconds_per_step']:.3f}"
+        print(f"{label:12} {row['end_to_end_seconds']:9.2f} {per_step:>8} {peak:>9}")
+    for label, row in decode.items():
+        print(f"VAE decode {label}: {row['seconds']:.2f} s")
+    if "frames_relative_l2_vs_diffusers" in result:
+        print(f"frames relative L2 vs diffusers: {result['frames_relative_l2_vs_diffusers']:.2e}")
+    suffix = "-offload" if args.offload else ""
+    tag = f"pipeline-{name}-{args.height}x{args.width}x{args.frames}-{args.steps}steps{suffix}"
+    path = common.save_results(tag, result, args.smoke)
+    if path:
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
