@@ -128,3 +128,16 @@ def test_frames_equal_with_framewise_vae_decode(our_pipeline, reference_checkpoi
     got = run(our_pipeline, **kwargs)
     assert got.shape == (1, 25, 64, 64, 3)
     assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+
+
+def test_batch_of_different_length_prompts_equals_each_alone(our_pipeline):
+    """Padding is masked: each video of a mixed-length batch equals its prompt's video generated alone.
+    (The reference lets real tokens attend to the padding, so there its videos depend on the batch.)"""
+    prompts = ["a red fox", "Two astronauts play chess on the Moon while the Earth rises slowly behind them."]
+    lengths = [len(our_pipeline.tokenizer(p)["input_ids"]) for p in prompts]
+    assert lengths[0] != lengths[1]
+    generators = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    batch = run(our_pipeline, prompt=prompts, generator=generators)
+    for i, prompt in enumerate(prompts):
+        alone = run(our_pipeline, prompt=prompt, generator=torch.Generator().manual_seed(11 + i))
+        assert np.abs(batch[i] - alone[0]).max() <= FRAME_TOLERANCE
