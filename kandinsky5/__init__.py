@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Kandinsky5T2VPipeline": "kandinsky5.pipelines.t2v",
+    "Kandinsky5I2VPipeline": "kandinsky5.pipelines.i2v",
+    "Kandinsky5Pipeline": "kandinsky5.pipelines.auto",
     "Kandinsky5Transformer3DModel": "kandinsky5.models.dit",
     "AutoencoderKLHunyuanVideo": "kandinsky5.models.vae",
     "FlowMatchEulerDiscreteScheduler": "kandinsky5.sampling.scheduler",

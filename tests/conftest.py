@@ -83,8 +83,9 @@ def build_reference_pipeline(nabla: bool = False, seed: int = 0):
     """A tiny diffusers Kandinsky5T2VPipeline with random weights and the real tokenizers."""
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, Kandinsky5T2VPipeline
     from diffusers import Kandinsky5Transformer3DModel as RefTransformer
-    from kandinsky5.tiny_text import build_tiny_clip_text_encoder, build_tiny_qwen_text_encoder
     from transformers import AutoTokenizer, CLIPTokenizer
+
+    from kandinsky5.tiny_text import build_tiny_clip_text_encoder, build_tiny_qwen_text_encoder
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZERS_DIR / "qwen2_5_vl"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(TOKENIZERS_DIR / "clip_vit_large_patch14"))
@@ -131,5 +132,26 @@ def our_pipeline(reference_checkpoint):
     from kandinsky5 import Kandinsky5T2VPipeline
 
     pipe = Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def reference_i2v_checkpoint(tmp_path_factory):
+    """(folder, diffusers Kandinsky5I2VPipeline): the tiny components under the image-to-video class."""
+    from diffusers import Kandinsky5I2VPipeline
+
+    pipe = Kandinsky5I2VPipeline(**build_reference_pipeline(seed=20).components)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("tiny-i2v")
+    pipe.save_pretrained(str(folder))
+    return folder, pipe
+
+
+@pytest.fixture(scope="session")
+def our_i2v_pipeline(reference_i2v_checkpoint):
+    from kandinsky5 import Kandinsky5I2VPipeline
+
+    pipe = Kandinsky5I2VPipeline.from_pretrained(reference_i2v_checkpoint[0])
     pipe.set_progress_bar_config(disable=True)
     return pipe

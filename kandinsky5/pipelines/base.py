@@ -18,11 +18,11 @@ from kandinsky5.loading.diffusers_format import (
     component_folder,
     load_component,
     read_json,
-    read_model_index,
 )
 from kandinsky5.loading.hub import resolve_checkpoint
 from kandinsky5.models import text_encoders as te
 from kandinsky5.models.dit import Kandinsky5Transformer3DModel
+from kandinsky5.pipelines.auto import check_checkpoint_class
 from kandinsky5.pipelines.output import OUTPUT_TYPES, KandinskyPipelineOutput, postprocess_video
 from kandinsky5.sampling import noise
 from kandinsky5.sampling.scheduler import FlowMatchEulerDiscreteScheduler
@@ -47,6 +47,8 @@ class Kandinsky5PipelineBase:
 
     # model_index.json class names this pipeline loads
     checkpoint_classes: ClassVar[tuple[str, ...]] = ()
+    # leading latent frames given as condition: the sampler never steps them (image-to-video: the image's frame)
+    num_frozen_latent_frames: ClassVar[int] = 0
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     _callback_tensor_inputs: ClassVar[list[str]] = [
         "latents",
@@ -99,7 +101,7 @@ class Kandinsky5PipelineBase:
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
         root = resolve_checkpoint(pretrained_model_name_or_path, revision, cache_dir, local_files_only, token)
-        read_model_index(root, cls.checkpoint_classes or (cls.__name__,))
+        check_checkpoint_class(root, cls)
         parts = dict(kwargs)
         if "scheduler" not in parts:
             scheduler_config = read_json(component_folder(root, "scheduler") / SCHEDULER_CONFIG)
@@ -469,7 +471,6 @@ class Kandinsky5PipelineBase:
         self._check_call_arguments(
             num_frames, num_inference_steps, guidance_scale, num_videos_per_prompt, output_type, generator, latents
         )
-        self.check_condition(**condition_kwargs)
         if num_frames % self.vae_scale_factor_temporal != 1:
             rounded = max(num_frames // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1, 1)
             logger.warning(
@@ -488,6 +489,7 @@ class Kandinsky5PipelineBase:
         if isinstance(prompt, str):
             prompt = [prompt]
         batch_size = len(prompt) if prompt is not None else prompt_embeds_qwen.shape[0]
+        self.check_condition(batch_size, **condition_kwargs)
         if prompt is not None and isinstance(negative_prompt, list) and len(negative_prompt) != len(prompt):
             raise ValueError(
                 f"`negative_prompt` must have same length as `prompt`. Got {len(negative_prompt)} vs {len(prompt)}."
@@ -534,6 +536,7 @@ class Kandinsky5PipelineBase:
         self._num_timesteps = len(timesteps)
 
         num_channels = self.transformer.config.in_visual_dim
+        given_latents = latents  # the caller's tensor (or None), for the conditioning hook
         latents = self.prepare_latents(
             effective_batch, num_channels, height, width, num_frames, dtype, device, generator, latents
         )
@@ -544,6 +547,7 @@ class Kandinsky5PipelineBase:
             num_frames=num_frames,
             generator=generator,
             num_videos_per_prompt=num_videos_per_prompt,
+            given_latents=given_latents,
             **condition_kwargs,
         )
 
@@ -580,7 +584,10 @@ class Kandinsky5PipelineBase:
                     )
                     velocity = uncond + guidance_scale * (velocity - uncond)
                 latents = latents.clone()
-                latents[..., :num_channels] = self.scheduler.step(velocity, i, latents[..., :num_channels])
+                frozen = self.num_frozen_latent_frames
+                latents[:, frozen:, ..., :num_channels] = self.scheduler.step(
+                    velocity[:, frozen:], i, latents[:, frozen:, ..., :num_channels]
+                )
 
                 if callback_on_step_end is not None:
                     state = {
@@ -605,7 +612,7 @@ class Kandinsky5PipelineBase:
                     )
                 progress.update()
 
-        latents = latents[..., :num_channels]
+        latents = self.finalize_latents(latents[..., :num_channels])
         if output_type == "latent":
             video = latents
         else:
@@ -615,12 +622,18 @@ class Kandinsky5PipelineBase:
             return (video,)
         return KandinskyPipelineOutput(frames=video)
 
-    def check_condition(self, **condition_kwargs) -> None:
-        """Validate the conditioning arguments of a subclass; text-to-video takes none."""
+    def check_condition(self, batch_size: int, **condition_kwargs) -> None:
+        """Validate the conditioning arguments of a subclass for ``batch_size`` prompts, before any encoding;
+        text-to-video takes none."""
         if condition_kwargs:
             raise TypeError(
                 f"{type(self).__name__}.__call__() got unexpected keyword arguments {sorted(condition_kwargs)}"
             )
+
+    def finalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampled latents ``(batch, T, H, W, C)`` before decoding (and as ``output_type="latent"``); kept as
+        they are here."""
+        return latents
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Channels-last latents ``(batch, T, H, W, C)`` -> decoded video ``(batch, 3, frames, H, W)`` in [-1, 1]."""
