@@ -18,12 +18,12 @@ from torch import nn
 from kandinsky5.attention import attention, attention_backend
 from kandinsky5.attention.backends import validate_backend
 from kandinsky5.attention.nabla import (
-    expand_block_mask,
     from_fractal_order,
     nabla_block_mask,
     to_fractal_order,
 )
 from kandinsky5.models.base import ComponentConfig, ModelBase
+from kandinsky5.runtime.compile import compile_repeated_blocks
 
 ROPE_MAX_PERIOD = 10000.0
 TIME_MAX_PERIOD = 10000.0
@@ -209,10 +209,10 @@ class Attention(nn.Module):
         if rope is not None:
             query = apply_rope(query, rope)
             key = apply_rope(key, rope)
-        if sparse is not None:
-            blocks = nabla_block_mask(query, key, sparse["sta_mask"], sparse["P"])
-            mask = expand_block_mask(blocks)
-        out = attention(query, key, value, mask=mask)
+        # NABLA: the block map goes to the attention choke point, which runs flex_attention on it (GPU) or SDPA
+        # with it expanded to a token mask (CPU)
+        block_map = None if sparse is None else nabla_block_mask(query, key, sparse["sta_mask"], sparse["P"])
+        out = attention(query, key, value, mask=mask, block_map=block_map)
         return self.out_layer(out.flatten(-2, -1))
 
 
@@ -318,7 +318,16 @@ class Kandinsky5Transformer3DModel(ModelBase):
 
     def set_attention_backend(self, name: str | None) -> None:
         """Attention backend for this model's forward (``None``: the process default); see kandinsky5.attention."""
-        self.attention_backend = None if name is None else validate_backend(name, self.device)
+        self.attention_backend = None if name is None else validate_backend(name)
+
+    def compile(self, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False, **kwargs):
+        """Regional compilation: ``torch.compile`` each text and visual block in place (see kandinsky5.runtime).
+
+        One compiled graph serves every block of a kind, so compiling costs about two blocks, not the whole model.
+        ``kwargs`` go to ``torch.compile`` (``backend=``, ``options=``). Returns the model. Eager is the default;
+        ``torch.compile(model)`` (the whole model) works too.
+        """
+        return compile_repeated_blocks(self, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **kwargs)
 
     def forward(
         self,
