@@ -24,6 +24,13 @@ from kandinsky5.models import text_encoders as te
 from kandinsky5.models.dit import Kandinsky5Transformer3DModel
 from kandinsky5.pipelines.auto import check_checkpoint_class
 from kandinsky5.pipelines.output import OUTPUT_TYPES, KandinskyPipelineOutput, postprocess_video
+from kandinsky5.runtime.offload import (
+    ModelCpuOffload,
+    OffloadPlan,
+    SequentialCpuOffload,
+    offload_components,
+    offload_execution_device,
+)
 from kandinsky5.sampling import noise
 from kandinsky5.sampling.scheduler import FlowMatchEulerDiscreteScheduler
 
@@ -76,6 +83,8 @@ class Kandinsky5PipelineBase:
         self._guidance_scale = 1.0
         self._num_timesteps = 0
         self._interrupt = False
+        # set by enable_model_cpu_offload / enable_sequential_cpu_offload
+        self._offload_plan: OffloadPlan | None = None
 
     # ------------------------------------------------------------------ loading and placement
 
@@ -155,6 +164,8 @@ class Kandinsky5PipelineBase:
                 device = arg
         if kwargs:
             raise TypeError(f"to() got unexpected keyword arguments {sorted(kwargs)}")
+        if device is not None and self._offload_plan is not None:
+            self._offload_plan.pipeline_moving(torch.device(device))  # sequential: error; model: warning
         for module in self._modules():
             if dtype is not None:
                 if hasattr(module, "to_dtype"):
@@ -175,10 +186,39 @@ class Kandinsky5PipelineBase:
 
     @property
     def _execution_device(self) -> torch.device:
+        if self._offload_plan is not None:
+            return self._offload_plan.device
         return self.transformer.device
 
     def maybe_free_model_hooks(self) -> None:
-        """Called at the end of a generation (offloading puts components back here); nothing without offload."""
+        """Called at the end of a generation: with offload on, every component goes back to the CPU and the hooks
+        stay armed for the next call; nothing without offload."""
+        if self._offload_plan is not None:
+            self._offload_plan.free()
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Keep the networks on the CPU; each moves to the execution device (``device``, default the machine's
+        accelerator, index ``gpu_id``) when it runs and back when the next one starts (see runtime/offload.py)."""
+        self._enable_offload(ModelCpuOffload, gpu_id, device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        """Keep the weights on the CPU; each layer's are copied to the execution device only for its forward.
+        Least memory, slowest (see runtime/offload.py)."""
+        self._enable_offload(SequentialCpuOffload, gpu_id, device)
+
+    def _enable_offload(self, plan_class: type[OffloadPlan], gpu_id, device) -> None:
+        previous = self._offload_plan.device if self._offload_plan is not None else None
+        execution_device = offload_execution_device(plan_class.method, gpu_id, device, previous)
+        components = offload_components(self)
+        self.remove_all_hooks()
+        self.to("cpu")
+        self._offload_plan = plan_class(components, execution_device)
+
+    def remove_all_hooks(self) -> None:
+        """Turn offloading off: the hooks are removed and the networks left on the CPU."""
+        if self._offload_plan is not None:
+            self._offload_plan.remove()
+            self._offload_plan = None
 
     # ------------------------------------------------------------------ progress bar
 
