@@ -22,3 +22,9 @@ def test_pipeline_benchmark_smoke(capsys):
 
     assert pipeline.main(["--smoke"]) == 0
     assert "frames relative L2 vs diffusers: 0.00e+00" in capsys.readouterr().out
+
+
+def test_attention_benchmark_smoke():
+    import attention
+
+    assert attention.main(["--smoke"]) == 0
