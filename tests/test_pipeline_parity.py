@@ -141,3 +141,28 @@ def test_batch_of_different_length_prompts_equals_each_alone(our_pipeline):
     for i, prompt in enumerate(prompts):
         alone = run(our_pipeline, prompt=prompt, generator=torch.Generator().manual_seed(11 + i))
         assert np.abs(batch[i] - alone[0]).max() <= FRAME_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "height,width,expected_scale",
+    [(512, 512, (1.0, 2.0, 2.0)), (1024, 1024, (1.0, 3.16, 3.16)), (640, 1408, (1.0, 3.16, 3.16))],
+)
+def test_latents_equal_in_both_rope_scale_classes(our_pipeline, reference_checkpoint, height, width, expected_scale):
+    """The 512 class (both sides within 480..854 px) and the 1024 class use different RoPE scale factors."""
+    _, ref = reference_checkpoint
+    assert tuple(our_pipeline._get_scale_factor(height, width)) == expected_scale
+    kwargs = dict(height=height, width=width, num_inference_steps=2, output_type="latent")
+    expected = run(ref, **kwargs)
+    got = run(our_pipeline, **kwargs)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= FRAME_TOLERANCE
+
+
+def test_frames_equal_at_241_frames(our_pipeline, reference_checkpoint):
+    """A 10 s video: 61 latent frames, decoded in 20 overlapping time chunks."""
+    _, ref = reference_checkpoint
+    kwargs = dict(height=32, width=32, num_frames=241, num_inference_steps=2)
+    expected = run(ref, **kwargs)
+    got = run(our_pipeline, **kwargs)
+    assert got.shape == (1, 241, 32, 32, 3)
+    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
