@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload() on both pipelines")
     parser.add_argument("--only", choices=["both", "kandinsky5", "diffusers"], default="both")
+    parser.add_argument("--batched-guidance", action="store_true", help="ours: condition and negative in one call")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU; saves nothing")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -167,6 +168,8 @@ def main(argv=None) -> int:
     pipes = build_pipelines(build_shared_components(name, device, dtype))
     if args.only != "both":
         pipes = {args.only: pipes[args.only]}
+    if "kandinsky5" in pipes:
+        pipes["kandinsky5"].batched_guidance = args.batched_guidance
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
         if args.offload:
@@ -188,6 +191,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "offload": args.offload,
+        "batched_guidance": args.batched_guidance,
         "dtype": str(dtype),
         "results": rows,
         "vae_decode": decode,
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
         print(f"VAE decode {label}: {row['seconds']:.2f} s")
     if "frames_relative_l2_vs_diffusers" in result:
         print(f"frames relative L2 vs diffusers: {result['frames_relative_l2_vs_diffusers']:.2e}")
-    suffix = "-offload" if args.offload else ""
+    suffix = ("-offload" if args.offload else "") + ("-batched" if args.batched_guidance else "")
     tag = f"pipeline-{name}-{args.height}x{args.width}x{args.frames}-{args.steps}steps{suffix}"
     path = common.save_results(tag, result, args.smoke)
     if path:

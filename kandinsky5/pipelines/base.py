@@ -80,6 +80,9 @@ class Kandinsky5PipelineBase:
             te.template_prefix_length(tokenizer, self.prompt_template) if tokenizer is not None else None
         )
         self._progress_bar_config: dict[str, Any] = {}
+        # Classifier-free guidance: condition and negative in one transformer call (True) or two (the reference).
+        # Equal results; which is faster is for the GPU benchmark to tell (benchmarks/pipeline.py).
+        self.batched_guidance = False
         self._guidance_scale = 1.0
         self._num_timesteps = 0
         self._interrupt = False
@@ -611,19 +614,33 @@ class Kandinsky5PipelineBase:
                 encoder_attention_mask=mask,
             ).sample
 
+        guidance_batch = GuidanceBatch()
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 # The reference feeds the timestep in the model dtype (rounded to bf16 in bf16 runs).
                 timestep = t.expand(effective_batch).to(dtype)
-                velocity = denoise(latents, prompt_embeds_qwen, prompt_embeds_clip, text_mask, timestep)
-                if use_guidance:
-                    uncond = denoise(
-                        latents, negative_prompt_embeds_qwen, negative_prompt_embeds_clip, negative_text_mask, timestep
+                if use_guidance and self.batched_guidance:
+                    # condition and negative in one forward, text padded to a common length and masked
+                    embeds_qwen, embeds_clip, mask = guidance_batch.get(
+                        (prompt_embeds_qwen, prompt_embeds_clip, text_mask),
+                        (negative_prompt_embeds_qwen, negative_prompt_embeds_clip, negative_text_mask),
                     )
+                    both = denoise(torch.cat([latents, latents]), embeds_qwen, embeds_clip, mask, timestep.repeat(2))
+                    velocity, uncond = both.chunk(2)
                     velocity = uncond + guidance_scale * (velocity - uncond)
-                latents = latents.clone()
+                else:
+                    velocity = denoise(latents, prompt_embeds_qwen, prompt_embeds_clip, text_mask, timestep)
+                    if use_guidance:
+                        uncond = denoise(
+                            latents,
+                            negative_prompt_embeds_qwen,
+                            negative_prompt_embeds_clip,
+                            negative_text_mask,
+                            timestep,
+                        )
+                        velocity = uncond + guidance_scale * (velocity - uncond)
                 frozen = self.num_frozen_latent_frames
                 latents[:, frozen:, ..., :num_channels] = self.scheduler.step(
                     velocity[:, frozen:], i, latents[:, frozen:, ..., :num_channels]
@@ -699,6 +716,35 @@ def fit_embeddings_to_batch(embeds_qwen, embeds_clip, cu_seqlens, batch_size: in
             f"(or 1): got {rows} and {embeds_clip.shape[0]} rows and {cu_seqlens.numel()} cu_seqlens"
         )
     return repeat_embeddings(embeds_qwen, embeds_clip, cu_seqlens, batch_size * num_videos_per_prompt // rows)
+
+
+class GuidanceBatch:
+    """The condition and negative text stacked into one batch, rebuilt only when a callback swaps embeddings."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._value: tuple | None = None
+
+    def get(self, condition: tuple, negative: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        key = tuple(id(t) for t in (*condition, *negative))
+        if key != self._key:
+            self._key, self._value = key, stack_for_guidance(condition, negative)
+        return self._value
+
+
+def stack_for_guidance(condition: tuple, negative: tuple):
+    """``(embeds_qwen, embeds_clip, mask)`` of both halves -> one batch: condition rows first, text zero-padded
+    to the longer length, with a padding mask (``None`` when nothing is padded)."""
+    length = max(condition[0].shape[1], negative[0].shape[1])
+    qwen, masks = [], []
+    for embeds, _, mask in (condition, negative):
+        rows, own = embeds.shape[0], embeds.shape[1]
+        valid = torch.ones(rows, own, dtype=torch.bool, device=embeds.device) if mask is None else mask
+        qwen.append(torch.nn.functional.pad(embeds, (0, 0, 0, length - own)))
+        masks.append(torch.nn.functional.pad(valid, (0, length - own), value=False))
+    mask = torch.cat(masks)
+    all_valid = condition[2] is None and negative[2] is None and condition[0].shape[1] == negative[0].shape[1]
+    return torch.cat(qwen), torch.cat([condition[1], negative[1]]), None if all_valid else mask
 
 
 def padding_mask(cu_seqlens: torch.Tensor, length: int, device) -> torch.Tensor | None:
