@@ -1,9 +1,13 @@
 """The command line: a real MP4 from a tiny checkpoint, and one-line errors before any loading."""
 
+import logging
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import av
+import numpy as np
+import PIL.Image
 import pytest
 
 from kandinsky5.cli.main import frames_for_seconds, main
@@ -120,3 +124,149 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
 def test_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "kandinsky5", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "generate" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------- models and variants
+
+
+def test_models_lists_every_variant_with_its_defaults(capsys):
+    from kandinsky5.variants import VARIANTS
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(VARIANTS)
+    for line, variant in zip(lines, VARIANTS, strict=True):
+        fields = line.split()
+        assert fields[:3] == [variant.short_name, variant.repo_id, str(variant.task)]
+        d = variant.defaults
+        assert f"steps={d.num_inference_steps}" in fields and f"guidance={d.guidance_scale:.1f}" in fields
+        assert f"height={d.height}" in fields and f"width={d.width}" in fields and f"frames={d.num_frames}" in fields
+    distilled = next(line for line in lines if line.startswith("lite-distilled-5s "))
+    assert "steps=16" in distilled and "guidance=1.0" in distilled
+
+
+class FakePipeline:
+    """Stands in for a loaded pipeline: records how it was loaded and called, returns a few small frames."""
+
+    loaded: list = []
+    calls: list = []
+
+    def __init__(self, pipeline_class, model):
+        self.loaded.append((pipeline_class.__name__, model))
+
+    def to(self, device):
+        return self
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        kwargs["callback_on_step_end"](self, 0, None, {})
+        return SimpleNamespace(frames=[np.zeros((5, 16, 16, 3), dtype=np.float32)])
+
+
+@pytest.fixture
+def fake_loading(monkeypatch):
+    """from_pretrained of both pipeline classes returns a FakePipeline: no weights are read."""
+    import kandinsky5
+    from kandinsky5 import resolutions
+
+    FakePipeline.loaded, FakePipeline.calls = [], []
+    for cls in (kandinsky5.Kandinsky5T2VPipeline, kandinsky5.Kandinsky5I2VPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, model, **kw: FakePipeline(c, model)))
+    monkeypatch.setattr(resolutions, "_warned_untrained", set())
+    return FakePipeline
+
+
+def generate(tmp_path, *options):
+    return main(["generate", "a red fox", "--out", str(tmp_path / "v.mp4"), "--device", "cpu", *options])
+
+
+@pytest.mark.parametrize(
+    "short_name,repo_id,expected",
+    [
+        (
+            "lite-distilled-5s",
+            "kandinskylab/Kandinsky-5.0-T2V-Lite-distilled16steps-5s-Diffusers",
+            dict(num_inference_steps=16, guidance_scale=1.0, height=512, width=768, num_frames=121),
+        ),
+        (
+            "pro-sft-10s",
+            "kandinskylab/Kandinsky-5.0-T2V-Pro-sft-10s-Diffusers",
+            dict(num_inference_steps=50, guidance_scale=5.0, height=768, width=1280, num_frames=241),
+        ),
+    ],
+)
+def test_short_name_loads_its_hub_id_with_its_defaults(fake_loading, tmp_path, short_name, repo_id, expected):
+    assert generate(tmp_path, "--model", short_name) == 0
+    assert fake_loading.loaded == [("Kandinsky5T2VPipeline", repo_id)]
+    (args, kwargs) = fake_loading.calls[0]
+    assert args == () and {k: kwargs[k] for k in expected} == expected
+
+
+def test_given_options_override_the_model_defaults(fake_loading, tmp_path):
+    assert generate(tmp_path, "--model", "lite-nocfg-10s", "--steps", "7", "--guidance", "3", "--seconds", "5") == 0
+    kwargs = fake_loading.calls[0][1]
+    assert (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["num_frames"]) == (7, 3.0, 121)
+
+
+def write_image(path, width, height):
+    PIL.Image.new("RGB", (width, height), "blue").save(path)
+    return path
+
+
+def test_image_selects_image_to_video_and_a_size_of_its_shape(fake_loading, tmp_path):
+    image = write_image(tmp_path / "portrait.png", 400, 600)
+    assert generate(tmp_path, "--model", "pro-i2v-5s", "--image", str(image)) == 0
+    assert fake_loading.loaded == [("Kandinsky5I2VPipeline", "kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers")]
+    (args, kwargs) = fake_loading.calls[0]
+    assert isinstance(args[0], PIL.Image.Image) and args[0].size == (400, 600)
+    assert (kwargs["height"], kwargs["width"]) == (1280, 768)  # the portrait 1024-class size
+
+
+def test_image_with_explicit_size(fake_loading, tmp_path):
+    image = write_image(tmp_path / "square.png", 64, 64)
+    assert generate(tmp_path, "--model", "lite-i2v-5s", "--image", str(image), "--height", "512", "--width", "768") == 0
+    assert (fake_loading.calls[0][1]["height"], fake_loading.calls[0][1]["width"]) == (512, 768)
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        (["--model", "lite-i2v-5s", "--image", "{missing}"], "--image"),
+        (["--model", "lite-i2v-5s", "--image", "{not_an_image}"], "--image"),
+        (["--model", "lite-sft-5s", "--image", "{image}"], "text-to-video"),
+        (["--model", "pro-i2v-5s"], "--image"),
+        (["--model", "lite-sft-5s", "--height", "2064"], "--height"),
+        (["--model", "lite-sft-5s", "--frames", "601"], "--frames"),
+        (["--model", "lite-sft-5s", "--seconds", "30"], "--seconds"),
+        (["--model", "lite-sft-10s", "--width", "720"], "multiple of 128"),  # NABLA: whole 8x8 token tiles
+        (["--model", "lite-sft-6s"], "kandinsky5 models"),
+    ],
+)
+def test_bad_model_image_or_size_fails_before_loading(fake_loading, tmp_path, capsys, options, expected):
+    files = dict(
+        missing=tmp_path / "missing.png",
+        not_an_image=tmp_path / "notes.png",
+        image=write_image(tmp_path / "ok.png", 32, 32),
+    )
+    files["not_an_image"].write_text("not a picture")
+    options = [o.format(**files) for o in options]
+    assert generate(tmp_path, *options) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+    assert fake_loading.loaded == []
+
+
+def test_local_checkpoint_task_is_checked_before_loading(fake_loading, tiny_checkpoint, tmp_path, capsys):
+    image = write_image(tmp_path / "ok.png", 32, 32)
+    assert generate(tmp_path, "--model", str(tiny_checkpoint), "--image", str(image)) == 2
+    assert "text-to-video" in capsys.readouterr().err and fake_loading.loaded == []
+
+
+def test_untrained_size_is_warned_before_loading(fake_loading, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert generate(tmp_path, "--model", "lite-sft-5s", "--height", "480", "--width", "832") == 0
+    warnings = [r.getMessage() for r in caplog.records if "trained" in r.getMessage()]
+    assert len(warnings) == 1 and "480x832" in warnings[0] and "512x768" in warnings[0]

@@ -1,6 +1,8 @@
-"""The ``kandinsky5`` command: ``generate`` a video, write a ``tiny-checkpoint`` for offline demos and tests.
+"""The ``kandinsky5`` command: ``generate`` a video, list the official ``models``, write a ``tiny-checkpoint`` for
+offline demos and tests.
 
 Everything a user can get wrong is checked before a model is loaded; a generation that finished is never lost.
+Options left out take the model's recommended values (kandinsky5/variants.py), else the reference's.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-SUBCOMMANDS = ("generate", "tiny-checkpoint")
-DEFAULT_FPS = 24
+from kandinsky5.variants import FPS as DEFAULT_FPS
+from kandinsky5.variants import VARIANTS, Task, Variant
+
+SUBCOMMANDS = ("generate", "models", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# size-check parameters -> the options that set them
+OPTION_OF_PARAMETER = {"height": "--height", "width": "--width", "num_frames": "--frames"}
 
 
 class UsageError(Exception):
@@ -30,31 +36,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandinsky5", description="Kandinsky 5.0 video generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate a video from a text prompt")
+    gen = sub.add_parser(
+        "generate",
+        help="generate a video from a text prompt (and an --image)",
+        description="Options left out take the model's recommended values (see `kandinsky5 models`).",
+    )
     gen.add_argument("prompt", help="what the video shows")
     gen.add_argument(
         "--model",
         required=True,
-        help="hub id (e.g. kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers) or a local checkpoint directory",
+        help="short name (e.g. lite-sft-5s; see `kandinsky5 models`), hub id "
+        "(e.g. kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers) or a local checkpoint directory",
     )
     gen.add_argument("--out", required=True, help="output .mp4 path")
-    gen.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; 1 disables it")
-    gen.add_argument("--height", type=int, default=512, help="pixels, multiple of 16 (default 512)")
-    gen.add_argument("--width", type=int, default=768, help="pixels, multiple of 16 (default 768)")
-    length = gen.add_mutually_exclusive_group()
-    length.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default 121)")
-    length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
     gen.add_argument(
-        "--fps", type=int, default=DEFAULT_FPS, help=f"frames per second of the file (default {DEFAULT_FPS})"
+        "--image", default=None, help="first frame: image-to-video (needs an I2V model); a path or http(s) URL"
     )
+    gen.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50, distilled 16)")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; 1 disables it (default: 5, nocfg and distilled models 1)",
+    )
+    gen.add_argument(
+        "--height", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 512, Pro 768)"
+    )
+    gen.add_argument(
+        "--width", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 768, Pro 1280)"
+    )
+    length = gen.add_mutually_exclusive_group()
+    length.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: 121, 10 s 241)")
+    length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
+    gen.add_argument("--fps", type=int, default=None, help=f"frames per second of the file (default {DEFAULT_FPS})")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     gen.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
     gen.add_argument("--quality", type=float, default=9.0, help="video quality 0..10 (default 9)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight checkpoint (Diffusers layout)")
     tiny.add_argument("directory", help="where to write it")
@@ -63,18 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate_generate(args) -> None:
-    """Every check that needs no model, so that mistakes cost nothing."""
-    from kandinsky5.io import check_output_path
-    from kandinsky5.pipelines.base import SIZE_MULTIPLE
+    """Every check that needs no model, so that mistakes cost nothing. Fills in the model's defaults for the
+    options left out, and sets ``args.variant`` (or ``None``) and ``args.first_frame`` (the loaded ``--image``)."""
+    from kandinsky5.io import check_output_path, load_image
+    from kandinsky5.resolutions import SizeError, check_size, closest_trained_size, resolution_class_of
+    from kandinsky5.variants import generation_defaults
 
     try:
         args.out = check_output_path(args.out)
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % SIZE_MULTIPLE:
-            raise UsageError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
+    args.variant, checkpoint = _resolve_model(args)
+    task, nabla = _task_and_attention(args.variant, checkpoint)
+    args.first_frame = None
+    if args.image is not None:
+        if task is Task.TEXT_TO_VIDEO:
+            raise UsageError(f"--image needs an image-to-video model; {args.model} is text-to-video")
+        try:
+            args.first_frame = load_image(args.image)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--image: {err}") from err
+    elif task is Task.IMAGE_TO_VIDEO:
+        raise UsageError(f"{args.model} is an image-to-video model: give the first frame with --image PATH")
+
+    defaults = generation_defaults(args.variant)
+    if args.first_frame is not None and args.height is None and args.width is None:
+        # the trained size closest to the image's shape, rather than stretching the image to the default size
+        trained = (
+            args.variant.resolution_class if args.variant else resolution_class_of(defaults.height, defaults.width)
+        )
+        args.height, args.width = closest_trained_size(args.first_frame.width / args.first_frame.height, trained)
+    args.height = defaults.height if args.height is None else args.height
+    args.width = defaults.width if args.width is None else args.width
+    args.steps = defaults.num_inference_steps if args.steps is None else args.steps
+    args.guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    if args.fps is None:
+        args.fps = args.variant.fps if args.variant else DEFAULT_FPS
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.fps < 1:
@@ -82,17 +129,52 @@ def _validate_generate(args) -> None:
     if args.seconds is not None:
         args.frames = frames_for_seconds(args.seconds, args.fps)
     elif args.frames is None:
-        args.frames = 121
+        args.frames = defaults.num_frames
     if args.frames < 1:
         raise UsageError(f"--frames must be >= 1, got {args.frames}")
+    try:
+        check_size(args.height, args.width, args.frames, nabla=nabla)
+    except SizeError as err:
+        option = "--seconds" if err.parameter == "num_frames" and args.seconds is not None else None
+        raise UsageError(f"{option or OPTION_OF_PARAMETER[err.parameter]}: {err}") from err
+    if args.variant is not None:
+        args.variant.warn_if_untrained(args.height, args.width)
     if not 0 <= args.quality <= 10:
         raise UsageError(f"--quality must be within 0..10, got {args.quality}")
     if not 1 <= args.max_sequence_length <= 1024:
         raise UsageError(f"--max-sequence-length must be within 1..1024, got {args.max_sequence_length}")
-    from kandinsky5.loading.hub import is_hub_id
 
-    if not Path(args.model).expanduser().is_dir() and not is_hub_id(str(args.model)):
-        raise UsageError(f"model directory not found: {args.model}")
+
+def _resolve_model(args) -> tuple[Variant | None, Path | None]:
+    """The variant ``--model`` names and the local checkpoint folder (``None`` for a hub id); a short name
+    becomes its hub id."""
+    from kandinsky5.loading.hub import is_hub_id
+    from kandinsky5.variants import variant_by_name, variant_for_folder
+
+    folder = Path(args.model).expanduser()
+    if folder.is_dir():
+        return variant_for_folder(folder), folder
+    variant = variant_by_name(args.model)
+    if variant is not None:
+        args.model = variant.repo_id
+    elif not is_hub_id(str(args.model)):
+        raise UsageError(
+            f"model not found: {args.model} is no local directory, hub id or short name (see `kandinsky5 models`)"
+        )
+    return variant, None
+
+
+def _task_and_attention(variant: Variant | None, checkpoint: Path | None) -> tuple[Task | None, bool]:
+    """Text- or image-to-video (``None``: not known before loading) and whether the transformer uses NABLA, from
+    the variant or else the local checkpoint's configs."""
+    from kandinsky5.variants import AttentionType, CheckpointFacts
+
+    if variant is not None:
+        return variant.task, variant.attention is AttentionType.NABLA
+    if checkpoint is None:
+        return None, False
+    facts = CheckpointFacts.read(checkpoint)
+    return facts.task, facts.attention is AttentionType.NABLA
 
 
 def _device_and_dtype(args):
@@ -121,12 +203,14 @@ def cmd_generate(args) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from kandinsky5 import Kandinsky5T2VPipeline
+    import kandinsky5
     from kandinsky5.io import export_to_video, save_frames_fallback
 
     transformers_logging.disable_progress_bar()  # one progress bar: ours, for sampling
+    image_to_video = args.first_frame is not None
+    pipeline_class = kandinsky5.Kandinsky5I2VPipeline if image_to_video else kandinsky5.Kandinsky5T2VPipeline
     start = time.perf_counter()
-    pipe = Kandinsky5T2VPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     loaded = time.perf_counter()
     step_times: list[float] = []
@@ -136,7 +220,9 @@ def cmd_generate(args) -> int:
         return tensors
 
     sampling_start = time.perf_counter()
+    condition = (args.first_frame,) if image_to_video else ()
     frames = pipe(
+        *condition,
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         height=args.height,
@@ -174,9 +260,29 @@ def cmd_tiny_checkpoint(args) -> int:
     return 0
 
 
+def format_models(variants: tuple[Variant, ...] = VARIANTS) -> list[str]:
+    """One line per variant: short name, hub id, task and the defaults ``generate`` uses."""
+    name_width = max(len(v.short_name) for v in variants)
+    id_width = max(len(v.repo_id) for v in variants)
+    lines = []
+    for v in variants:
+        d = v.defaults
+        lines.append(
+            f"{v.short_name:<{name_width}}  {v.repo_id:<{id_width}}  {v.task}  steps={d.num_inference_steps} "
+            f"guidance={d.guidance_scale:.1f} height={d.height} width={d.width} frames={d.num_frames} fps={v.fps} "
+            f"attention={v.attention}"
+        )
+    return lines
+
+
+def cmd_models(args) -> int:
+    print("\n".join(format_models()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "tiny-checkpoint": cmd_tiny_checkpoint}
+    handlers = {"generate": cmd_generate, "models": cmd_models, "tiny-checkpoint": cmd_tiny_checkpoint}
     try:
         return handlers[args.command](args)
     except UsageError as err:

@@ -24,6 +24,7 @@ from kandinsky5.models import text_encoders as te
 from kandinsky5.models.dit import Kandinsky5Transformer3DModel
 from kandinsky5.pipelines.auto import check_checkpoint_class
 from kandinsky5.pipelines.output import OUTPUT_TYPES, KandinskyPipelineOutput, postprocess_video
+from kandinsky5.resolutions import SIZE_MULTIPLE, check_size, rope_scale_factor
 from kandinsky5.runtime.offload import (
     ModelCpuOffload,
     OffloadPlan,
@@ -33,6 +34,7 @@ from kandinsky5.runtime.offload import (
 )
 from kandinsky5.sampling import noise
 from kandinsky5.sampling.scheduler import FlowMatchEulerDiscreteScheduler
+from kandinsky5.variants import Variant, generation_defaults, variant_for_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
     "walking backwards"
 )
-# Pixel sizes must be multiples of this: VAE spatial compression (8) times the DiT's spatial patch (2).
-SIZE_MULTIPLE = 16
-# RoPE scale factors: the 512-class sizes (both sides within this range) and the 1024-class HD sizes.
-ROPE_SCALE_RANGE_512 = (480, 854)
-ROPE_SCALE_512 = (1.0, 2.0, 2.0)
-ROPE_SCALE_1024 = (1.0, 3.16, 3.16)
 SCHEDULER_CONFIG = "scheduler_config.json"
 
 
@@ -88,6 +84,9 @@ class Kandinsky5PipelineBase:
         self._interrupt = False
         # set by enable_model_cpu_offload / enable_sequential_cpu_offload
         self._offload_plan: OffloadPlan | None = None
+        # the official checkpoint this is (set by from_pretrained; None when unknown): its defaults fill the
+        # __call__ arguments left as None
+        self.model_variant: Variant | None = None
 
     # ------------------------------------------------------------------ loading and placement
 
@@ -114,9 +113,15 @@ class Kandinsky5PipelineBase:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
         root = resolve_checkpoint(pretrained_model_name_or_path, revision, cache_dir, local_files_only, token)
         check_checkpoint_class(root, cls)
+        variant = variant_for_checkpoint(pretrained_model_name_or_path, root)
         parts = dict(kwargs)
         if "scheduler" not in parts:
-            scheduler_config = read_json(component_folder(root, "scheduler") / SCHEDULER_CONFIG)
+            scheduler_path = root / "scheduler" / SCHEDULER_CONFIG
+            if variant is not None and not scheduler_path.is_file():
+                logger.info("No %s; using %s's shift", scheduler_path, variant.short_name)
+                scheduler_config = {"shift": variant.scheduler_shift}
+            else:
+                scheduler_config = read_json(scheduler_path)
             parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         if "transformer" not in parts:
             parts["transformer"] = load_component(
@@ -136,7 +141,9 @@ class Kandinsky5PipelineBase:
             text_encoder, text_encoder_2 = te.load_text_encoders(root, torch_dtype)
             parts.setdefault("text_encoder", text_encoder)
             parts.setdefault("text_encoder_2", text_encoder_2)
-        return cls(**parts)
+        pipe = cls(**parts)
+        pipe.model_variant = variant
+        return pipe
 
     @property
     def components(self) -> dict[str, Any]:
@@ -259,10 +266,7 @@ class Kandinsky5PipelineBase:
     @staticmethod
     def _get_scale_factor(height: int, width: int) -> tuple[float, float, float]:
         """RoPE scale factor: the 512 class when both sides lie in 480..854 pixels, else the 1024 class."""
-        low, high = ROPE_SCALE_RANGE_512
-        if low <= height <= high and low <= width <= high:
-            return ROPE_SCALE_512
-        return ROPE_SCALE_1024
+        return rope_scale_factor(height, width)
 
     @staticmethod
     def fast_sta_nabla(T: int, H: int, W: int, wT: int = 3, wH: int = 3, wW: int = 3, device="cuda") -> torch.Tensor:
@@ -416,6 +420,21 @@ class Kandinsky5PipelineBase:
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise ValueError("`latents` must be a torch.Tensor")
 
+    def check_video_size(self, height: int, width: int, num_frames: int) -> None:
+        """``ValueError`` naming the parameter for a size this checkpoint cannot represent (see resolutions.py);
+        one warning for a size its variant was not trained at."""
+        config = self.transformer.config
+        check_size(
+            height,
+            width,
+            num_frames,
+            nabla=config.uses_nabla,
+            size_multiple=self.vae_scale_factor_spatial * config.patch_size[1],
+            temporal_compression=self.vae_scale_factor_temporal,
+        )
+        if self.model_variant is not None:
+            self.model_variant.warn_if_untrained(height, width)
+
     # ------------------------------------------------------------------ latents and conditioning
 
     def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int, channels: int):
@@ -469,11 +488,11 @@ class Kandinsky5PipelineBase:
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        height: int = 512,
-        width: int = 768,
-        num_frames: int = 121,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_videos_per_prompt: int | None = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -490,7 +509,17 @@ class Kandinsky5PipelineBase:
         max_sequence_length: int = 512,
         **condition_kwargs,
     ):
-        """Generate videos; returns an object whose ``.frames[i]`` is the i-th video (see ``output_type``)."""
+        """Generate videos; returns an object whose ``.frames[i]`` is the i-th video (see ``output_type``).
+
+        ``height``, ``width``, ``num_frames``, ``num_inference_steps`` and ``guidance_scale`` left as ``None`` take
+        the checkpoint's recommended values (``self.model_variant``), or the reference's (512, 768, 121, 50, 5.0).
+        """
+        defaults = generation_defaults(self.model_variant)
+        height = defaults.height if height is None else height
+        width = defaults.width if width is None else width
+        num_frames = defaults.num_frames if num_frames is None else num_frames
+        num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         if hasattr(callback_on_step_end, "tensor_inputs"):
@@ -523,6 +552,7 @@ class Kandinsky5PipelineBase:
                 num_frames,
             )
             num_frames = rounded
+        self.check_video_size(height, width, num_frames)
 
         self._guidance_scale = guidance_scale
         self._interrupt = False
