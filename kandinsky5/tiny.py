@@ -49,8 +49,8 @@ TINY_VAE = dict(
     temporal_compression_ratio=4,
     mid_block_add_attention=True,
 )
+PIPELINE_CLASSES = {"t2v": "Kandinsky5T2VPipeline", "i2v": "Kandinsky5I2VPipeline"}
 MODEL_INDEX = {
-    "_class_name": "Kandinsky5T2VPipeline",
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
     "tokenizer": ["transformers", "Qwen2Tokenizer"],
@@ -61,8 +61,10 @@ MODEL_INDEX = {
 }
 
 
-def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint into ``folder`` (created if needed) and return it."""
+def write_tiny_checkpoint(folder: Path, seed: int = 0, task: str = "t2v") -> Path:
+    """Write the tiny checkpoint of ``task`` ("t2v" or "i2v") into ``folder`` (created if needed); return it."""
+    if task not in PIPELINE_CLASSES:
+        raise ValueError(f"task must be one of {sorted(PIPELINE_CLASSES)}, got {task!r}")
     from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
 
     folder = Path(folder)
@@ -80,5 +82,6 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     }
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    model_index = {"_class_name": PIPELINE_CLASSES[task], **MODEL_INDEX}
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     return folder

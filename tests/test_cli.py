@@ -151,8 +151,13 @@ class FakePipeline:
     loaded: list = []
     calls: list = []
 
+    model_variant = None
+
     def __init__(self, pipeline_class, model):
         self.loaded.append((pipeline_class.__name__, model))
+
+    def encode_prompt(self, prompt, **kwargs):
+        return (prompt, None, None)  # stands in for the three embedding tensors
 
     def to(self, device):
         return self
@@ -270,3 +275,122 @@ def test_untrained_size_is_warned_before_loading(fake_loading, tmp_path, caplog)
         assert generate(tmp_path, "--model", "lite-sft-5s", "--height", "480", "--width", "832") == 0
     warnings = [r.getMessage() for r in caplog.records if "trained" in r.getMessage()]
     assert len(warnings) == 1 and "480x832" in warnings[0] and "512x768" in warnings[0]
+
+
+def test_several_seeds_encode_the_prompt_once(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from kandinsky5.pipelines.base import Kandinsky5PipelineBase
+
+    encoded = []
+    encode = Kandinsky5PipelineBase.encode_prompt
+
+    def counting(self, prompt, *args, **kwargs):
+        encoded.append(prompt)
+        return encode(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Kandinsky5PipelineBase, "encode_prompt", counting)
+    out = tmp_path / "fox.mp4"
+    code = main(
+        [
+            "generate",
+            "a red fox",
+            "--model",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--frames",
+            "5",
+            "--steps",
+            "2",
+            "--guidance",
+            "3",
+            "--seed",
+            "1",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert len(encoded) == 2  # the prompt and the negative prompt, once for both seeds
+    first, _, _ = read_video(tmp_path / "fox-seed1.mp4")
+    second, _, _ = read_video(tmp_path / "fox-seed2.mp4")
+    assert len(first) == len(second) == 5
+    assert max(abs(a.astype(int) - b.astype(int)).max() for a, b in zip(first, second, strict=True)) > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "seed 1" in lines[-2] and "seed 2" in lines[-1]
+
+
+LUMA = (0.299, 0.587, 0.114)  # BT.601 weights, as the RGB -> YUV conversion of the export
+
+
+def test_image_to_video_first_frame_carries_the_image(tmp_path):
+    """--image: the MP4 starts from the image. A loose check, since a random-weight VAE does not reproduce images:
+
+    1. the sampled latents keep the image's VAE latent as frame 0, exactly (drawn as the reference draws it:
+       the noise first, then the image's posterior sample, from the seed's generator);
+    2. the MP4's first frame equals the decode of those latents (within H.264 loss at quality 9, on luma);
+    3. a different image gives a clearly different first frame (the random VAE damps differences: > 0.03).
+    9 frames = 3 latent frames: too few for the reference's re-normalisation of the leading latent frames.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from kandinsky5 import Kandinsky5I2VPipeline
+
+    folder = tmp_path / "tiny-i2v"
+    assert main(["tiny-checkpoint", str(folder), "--task", "i2v"]) == 0
+    pipe = Kandinsky5I2VPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    size = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
+    first_frames = []
+    for color in ((230, 60, 30), (20, 90, 220)):
+        pixels = np.zeros((64, 96, 3), dtype=np.uint8)
+        pixels[:, :48] = color
+        pixels[:, 48:] = 255 - np.array(color, dtype=np.uint8)
+        image_path = tmp_path / f"image-{color[0]}.png"
+        Image.fromarray(pixels).save(image_path)
+        out = tmp_path / f"video-{color[0]}.mp4"
+        code = main(
+            [
+                "generate",
+                "a flag",
+                "--model",
+                str(folder),
+                "--image",
+                str(image_path),
+                "--out",
+                str(out),
+                "--height",
+                "64",
+                "--width",
+                "96",
+                "--frames",
+                "9",
+                "--steps",
+                "2",
+                "--seed",
+                "0",
+                "--no-progress",
+            ]
+        )
+        assert code == 0
+        frames, _, _ = read_video(out)
+        assert len(frames) == 9
+        first_frames.append(frames[0].astype(np.float32) / 255)
+
+        image = Image.open(image_path)
+        latents = pipe(
+            image, prompt="a flag", generator=torch.Generator().manual_seed(0), output_type="latent", **size
+        ).frames
+        generator = torch.Generator().manual_seed(0)
+        torch.randn(latents.shape, generator=generator)  # the noise comes first
+        image_latent = pipe.encode_image(image, 64, 96, generator, 1, "cpu")
+        assert torch.equal(latents[:, :1], image_latent)
+        decoded = np.clip(pipe.decode_latents(latents)[0, :, 0].permute(1, 2, 0).numpy() * 0.5 + 0.5, 0, 1)
+        # compared on luma: yuv420p keeps it at full resolution (chroma is subsampled, lossy on noise-like frames)
+        assert np.abs((first_frames[-1] - decoded) @ LUMA).mean() < 0.02
+    assert np.abs(first_frames[0] - first_frames[1]).mean() > 0.03  # well above the codec error

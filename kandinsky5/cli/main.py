@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: 121, 10 s 241)")
     length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
     gen.add_argument("--fps", type=int, default=None, help=f"frames per second of the file (default {DEFAULT_FPS})")
-    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="random seed (default 0); several seeds make one video each (OUT-seedN.mp4), the prompt encoded once",
+    )
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     gen.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
     gen.add_argument("--quality", type=float, default=9.0, help="video quality 0..10 (default 9)")
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight checkpoint (Diffusers layout)")
     tiny.add_argument("directory", help="where to write it")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--task", choices=["t2v", "i2v"], default="t2v", help="text- or image-to-video (default t2v)")
     return parser
 
 
@@ -94,6 +101,7 @@ def _validate_generate(args) -> None:
 
     try:
         args.out = check_output_path(args.out)
+        args.outputs = [check_output_path(path) for path in output_paths(args.out, args.seed)]
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
     args.variant, checkpoint = _resolve_model(args)
@@ -205,6 +213,8 @@ def cmd_generate(args) -> int:
 
     import kandinsky5
     from kandinsky5.io import export_to_video, save_frames_fallback
+    from kandinsky5.pipelines.base import DEFAULT_NEGATIVE_PROMPT
+    from kandinsky5.variants import generation_defaults
 
     transformers_logging.disable_progress_bar()  # one progress bar: ours, for sampling
     image_to_video = args.first_frame is not None
@@ -213,50 +223,71 @@ def cmd_generate(args) -> int:
     pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     loaded = time.perf_counter()
-    step_times: list[float] = []
-
-    def on_step_end(_pipe, _step, _timestep, tensors):
-        step_times.append(time.perf_counter())
-        return tensors
-
-    sampling_start = time.perf_counter()
+    # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
+    guidance = generation_defaults(pipe.model_variant).guidance_scale if args.guidance is None else args.guidance
+    text = embedding_kwargs("prompt", pipe.encode_prompt(args.prompt, max_sequence_length=args.max_sequence_length))
+    if guidance > 1.0:
+        negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+        embeds = pipe.encode_prompt(negative, max_sequence_length=args.max_sequence_length)
+        text.update(embedding_kwargs("negative_prompt", embeds))
     condition = (args.first_frame,) if image_to_video else ()
-    frames = pipe(
-        *condition,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_frames=args.frames,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-        max_sequence_length=args.max_sequence_length,
-        callback_on_step_end=on_step_end,
-        output_type="np",
-    ).frames[0]
-    done = time.perf_counter()
-    try:
-        export_to_video(frames, str(args.out), fps=args.fps, quality=args.quality)
-    except Exception as err:
-        kept = save_frames_fallback(frames, args.out)
-        print(f"kandinsky5: error: writing {args.out} failed ({err}); the frames were kept in {kept}", file=sys.stderr)
-        return 1
-    per_step = (step_times[-1] - sampling_start) / len(step_times) if step_times else float("nan")
-    total = time.perf_counter() - start
-    print(
-        f"{args.out}: {args.width}x{args.height}, {len(frames)} frames at {args.fps} fps, "
-        f"{args.steps} steps at {per_step:.2f} s/step, load {loaded - start:.1f} s, "
-        f"generate {done - sampling_start:.1f} s, total {total:.1f} s"
-    )
+    for seed, out in zip(args.seed, args.outputs, strict=True):
+        step_times: list[float] = []
+
+        def on_step_end(_pipe, _step, _timestep, tensors, times=step_times):
+            times.append(time.perf_counter())
+            return tensors
+
+        video_start = time.perf_counter()
+        frames = pipe(
+            *condition,
+            **text,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+            num_inference_steps=args.steps,
+            guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            callback_on_step_end=on_step_end,
+            output_type="np",
+        ).frames[0]
+        done = time.perf_counter()
+        try:
+            export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
+        except Exception as err:
+            kept = save_frames_fallback(frames, out)
+            print(f"kandinsky5: error: writing {out} failed ({err}); the frames were kept in {kept}", file=sys.stderr)
+            return 1
+        per_step = (step_times[-1] - video_start) / len(step_times) if step_times else float("nan")
+        print(
+            f"{out}: {args.width}x{args.height}, {len(frames)} frames at {args.fps} fps, seed {seed}, "
+            f"{args.steps} steps at {per_step:.2f} s/step, load {loaded - start:.1f} s, "
+            f"generate {done - video_start:.1f} s, total {time.perf_counter() - start:.1f} s"
+        )
     return 0
+
+
+def embedding_kwargs(prefix: str, embeds) -> dict:
+    """``encode_prompt``'s three tensors as the pipeline's precomputed-embedding arguments."""
+    names = ("embeds_qwen", "embeds_clip", "cu_seqlens")
+    return {f"{prefix}_{name}": tensor for name, tensor in zip(names, embeds, strict=True)}
+
+
+def output_paths(out: Path, seeds: list[int]) -> list[Path]:
+    """One path per seed: ``out`` itself for one seed, else ``<stem>-seed<N><suffix>`` beside it."""
+    if len(seeds) == 1:
+        return [out]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seed: repeated seeds {seeds}")
+    return [out.with_name(f"{out.stem}-seed{seed}{out.suffix}") for seed in seeds]
 
 
 def cmd_tiny_checkpoint(args) -> int:
     from kandinsky5.tiny import write_tiny_checkpoint
 
-    folder = write_tiny_checkpoint(Path(args.directory), seed=args.seed)
-    print(f"{folder}: tiny random-weight Kandinsky 5 T2V checkpoint (Diffusers layout; it generates noise videos)")
+    folder = write_tiny_checkpoint(Path(args.directory), seed=args.seed, task=args.task)
+    kind = args.task.upper()
+    print(f"{folder}: tiny random-weight Kandinsky 5 {kind} checkpoint (Diffusers layout; it generates noise videos)")
     return 0
 
 
