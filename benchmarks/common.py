@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from kandinsky5 import tiny
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Transformer configs of the official checkpoints (Pro: shared/reference/checkpoint-pro-5s/transformer/config.json;
@@ -43,20 +45,7 @@ PRO = dict(
     visual_cond=True,
 )
 # A tiny config for --smoke runs on a CPU (checks the script, measures nothing worth reporting).
-SMOKE = dict(
-    in_visual_dim=16,
-    out_visual_dim=16,
-    in_text_dim=64,
-    in_text_dim2=32,
-    time_dim=32,
-    patch_size=(1, 2, 2),
-    model_dim=64,
-    ff_dim=128,
-    num_text_blocks=1,
-    num_visual_blocks=2,
-    axes_dims=(4, 6, 6),
-    visual_cond=True,
-)
+SMOKE = dict(tiny.TINY_TRANSFORMER.to_dict(), in_text_dim=64)
 CONFIGS = {"lite": LITE, "pro": PRO, "smoke": SMOKE}
 
 # Measured ceilings on an H100 (shared/reference/README.md), for the roofline fraction.

@@ -228,6 +228,22 @@ class CausalUpsample(nn.Module):
         return self.conv(x)
 
 
+def resnet_stack(in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str) -> nn.ModuleList:
+    """The resnet blocks of one encoder or decoder stage; the first one changes the channel count."""
+    return nn.ModuleList(
+        CausalResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+        for i in range(num_layers)
+    )
+
+
+def run_stage(x: torch.Tensor, resnets: nn.ModuleList, resamplers: nn.ModuleList | None) -> torch.Tensor:
+    for resnet in resnets:
+        x = resnet(x)
+    for resampler in resamplers or ():
+        x = resampler(x)
+    return x
+
+
 class DownBlock(nn.Module):
     def __init__(
         self,
@@ -239,19 +255,12 @@ class DownBlock(nn.Module):
         factor: tuple[int, int, int],
     ):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            CausalResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers)
-        )
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups, act_fn)
         resamples = factor != (1, 1, 1)
         self.downsamplers = nn.ModuleList([CausalDownsample(out_channels, factor)]) if resamples else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for downsampler in self.downsamplers or ():
-            x = downsampler(x)
-        return x
+        return run_stage(x, self.resnets, self.downsamplers)
 
 
 class UpBlock(nn.Module):
@@ -265,19 +274,12 @@ class UpBlock(nn.Module):
         factor: tuple[int, int, int],
     ):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            CausalResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers)
-        )
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups, act_fn)
         resamples = factor != (1, 1, 1)
         self.upsamplers = nn.ModuleList([CausalUpsample(out_channels, factor)]) if resamples else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for upsampler in self.upsamplers or ():
-            x = upsampler(x)
-        return x
+        return run_stage(x, self.resnets, self.upsamplers)
 
 
 class Encoder(nn.Module):
