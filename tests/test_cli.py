@@ -394,3 +394,63 @@ def test_image_to_video_first_frame_carries_the_image(tmp_path):
         # compared on luma: yuv420p keeps it at full resolution (chroma is subsampled, lossy on noise-like frames)
         assert np.abs((first_frames[-1] - decoded) @ LUMA).mean() < 0.02
     assert np.abs(first_frames[0] - first_frames[1]).mean() > 0.03  # well above the codec error
+
+
+@pytest.mark.parametrize(
+    "extra,name",
+    [
+        (["--attention-backend", "warp"], "--attention-backend"),
+        (["--attention-backend", "cudnn"], "--attention-backend"),
+        (["--offload", "model", "--device", "cpu"], "--offload"),
+    ],
+)
+def test_runtime_options_checked_before_loading(tiny_checkpoint, tmp_path, capsys, monkeypatch, extra, name):
+    import kandinsky5.pipelines.base as base
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(base.Kandinsky5PipelineBase, "from_pretrained", classmethod(forbidden))
+    code = main(["generate", "x", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "v.mp4"), *extra])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err
+
+
+def test_attention_backend_and_compile_options_reach_the_model(tiny_checkpoint, tmp_path, monkeypatch):
+    from kandinsky5.models.dit import Kandinsky5Transformer3DModel
+
+    seen = {}
+    set_backend = Kandinsky5Transformer3DModel.set_attention_backend
+
+    def recording(self, name):
+        seen["backend"] = name
+        set_backend(self, name)
+
+    monkeypatch.setattr(Kandinsky5Transformer3DModel, "set_attention_backend", recording)
+    monkeypatch.setattr(Kandinsky5Transformer3DModel, "compile", lambda self, **kw: seen.setdefault("compile", True))
+    out = tmp_path / "v.mp4"
+    code = main(
+        [
+            "generate",
+            "x",
+            "--model",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--frames",
+            "5",
+            "--steps",
+            "1",
+            "--attention-backend",
+            "math",
+            "--compile",
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and out.is_file()
+    assert seen == {"backend": "math", "compile": True}

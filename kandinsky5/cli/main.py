@@ -17,6 +17,7 @@ from kandinsky5.variants import VARIANTS, Task, Variant
 
 SUBCOMMANDS = ("generate", "models", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OFFLOAD_MODES = ("none", "model", "sequential")
 # size-check parameters -> the options that set them
 OPTION_OF_PARAMETER = {"height": "--height", "width": "--width", "num_frames": "--frames"}
 
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quality", type=float, default=9.0, help="video quality 0..10 (default 9)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    gen.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default="none",
+        help="model: components visit the GPU one at a time; sequential: layer by layer (least memory, slowest)",
+    )
+    gen.add_argument("--attention-backend", default=None, help="auto, sdpa, cudnn, flash, efficient, math, flex")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (regional)")
 
     sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
 
@@ -185,6 +194,19 @@ def _task_and_attention(variant: Variant | None, checkpoint: Path | None) -> tup
     return facts.task, facts.attention is AttentionType.NABLA
 
 
+def _check_runtime_options(args, device) -> None:
+    """Options whose validity depends on the device, checked before loading."""
+    if args.attention_backend is not None:
+        from kandinsky5.attention.backends import validate_backend
+
+        try:
+            validate_backend(args.attention_backend, device)
+        except ValueError as err:
+            raise UsageError(f"--attention-backend: {err}") from err
+    if args.offload != "none" and device.type == "cpu":
+        raise UsageError("--offload moves components between the CPU and a GPU; it needs --device cuda")
+
+
 def _device_and_dtype(args):
     import torch
 
@@ -207,6 +229,7 @@ def _device_and_dtype(args):
 def cmd_generate(args) -> int:
     _validate_generate(args)
     device, dtype = _device_and_dtype(args)
+    _check_runtime_options(args, device)
 
     import torch
     from transformers.utils import logging as transformers_logging
@@ -220,7 +243,17 @@ def cmd_generate(args) -> int:
     image_to_video = args.first_frame is not None
     pipeline_class = kandinsky5.Kandinsky5I2VPipeline if image_to_video else kandinsky5.Kandinsky5T2VPipeline
     start = time.perf_counter()
-    pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype)
+    if args.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif args.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if args.attention_backend is not None:
+        pipe.transformer.set_attention_backend(args.attention_backend)
+    if args.compile:
+        pipe.transformer.compile()
     pipe.set_progress_bar_config(disable=args.no_progress)
     loaded = time.perf_counter()
     # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
