@@ -130,3 +130,24 @@ def save_results(name: str, payload: dict, smoke: bool) -> Path | None:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def add_run_arguments(parser, *, height: int = 512, width: int = 768, frames: int = 121) -> None:
+    """The options every benchmark shares: model, size, and --smoke."""
+    parser.add_argument("--model", choices=["lite", "pro"], default="lite")
+    parser.add_argument("--height", type=int, default=height)
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--frames", type=int, default=frames)
+    parser.add_argument("--smoke", action="store_true", help="tiny models and sizes on the CPU; saves nothing")
+
+
+def choose_run(args, parser, **smoke_overrides) -> tuple[str, torch.device, torch.dtype]:
+    """(config name, device, dtype): the tiny model in float32 on the CPU with ``--smoke`` (``smoke_overrides``
+    replace the size options), else the chosen model in bf16 on the GPU."""
+    if args.smoke:
+        for key, value in smoke_overrides.items():
+            setattr(args, key, value)
+        return "smoke", torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (use --smoke to check the script on a CPU)")
+    return args.model, torch.device("cuda"), torch.bfloat16

@@ -55,21 +55,10 @@ def build_models(config: dict, device: torch.device, dtype: torch.dtype):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["lite", "pro"], default="lite")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--frames", type=int, default=121)
+    common.add_run_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="tiny model and size on the CPU; saves nothing")
     args = parser.parse_args(argv)
-
-    if args.smoke:
-        name, device, dtype = "smoke", torch.device("cpu"), torch.float32
-        args.height, args.width, args.frames, args.repeats = 64, 64, 5, 1
-    else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA GPU (use --smoke to check the script on a CPU)")
-        name, device, dtype = args.model, torch.device("cuda"), torch.bfloat16
+    name, device, dtype = common.choose_run(args, parser, height=64, width=64, frames=5, repeats=1)
     config = common.CONFIGS[name]
     ours, reference = build_models(config, device, dtype)
 

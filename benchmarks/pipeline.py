@@ -146,24 +146,14 @@ def time_vae_decode(pipes: dict, args, device: torch.device, dtype: torch.dtype)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["lite", "pro"], default="lite")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--frames", type=int, default=121)
+    common.add_run_arguments(parser)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload() on both pipelines")
     parser.add_argument("--only", choices=["both", "kandinsky5", "diffusers"], default="both")
     parser.add_argument("--batched-guidance", action="store_true", help="ours: condition and negative in one call")
-    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU; saves nothing")
     args = parser.parse_args(argv)
-    if args.smoke:
-        name, device, dtype = "smoke", torch.device("cpu"), torch.float32
-        args.height, args.width, args.frames, args.steps = 64, 64, 9, 2
-    else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA GPU (use --smoke to check the script on a CPU)")
-        name, device, dtype = args.model, torch.device("cuda"), torch.bfloat16
+    name, device, dtype = common.choose_run(args, parser, height=64, width=64, frames=9, steps=2)
 
     pipes = build_pipelines(build_shared_components(name, device, dtype))
     if args.only != "both":

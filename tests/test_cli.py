@@ -20,6 +20,14 @@ def tiny_checkpoint(tmp_path_factory):
     return folder
 
 
+TINY_RUN = ["--height", "32", "--width", "48", "--frames", "5", "--no-progress"]
+
+
+def generate_tiny(checkpoint, out, *options):
+    """``kandinsky5 generate`` on the tiny checkpoint at a tiny size; ``options`` add to or override it."""
+    return main(["generate", "a red fox", "--model", str(checkpoint), "--out", str(out), *TINY_RUN, *options])
+
+
 def read_video(path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -289,30 +297,7 @@ def test_several_seeds_encode_the_prompt_once(tiny_checkpoint, tmp_path, capsys,
 
     monkeypatch.setattr(Kandinsky5PipelineBase, "encode_prompt", counting)
     out = tmp_path / "fox.mp4"
-    code = main(
-        [
-            "generate",
-            "a red fox",
-            "--model",
-            str(tiny_checkpoint),
-            "--out",
-            str(out),
-            "--height",
-            "32",
-            "--width",
-            "48",
-            "--frames",
-            "5",
-            "--steps",
-            "2",
-            "--guidance",
-            "3",
-            "--seed",
-            "1",
-            "2",
-            "--no-progress",
-        ]
-    )
+    code = generate_tiny(tiny_checkpoint, out, "--steps", "2", "--guidance", "3", "--seed", "1", "2")
     assert code == 0
     assert len(encoded) == 2  # the prompt and the negative prompt, once for both seeds
     first, _, _ = read_video(tmp_path / "fox-seed1.mp4")
@@ -430,27 +415,6 @@ def test_attention_backend_and_compile_options_reach_the_model(tiny_checkpoint, 
     monkeypatch.setattr(Kandinsky5Transformer3DModel, "set_attention_backend", recording)
     monkeypatch.setattr(Kandinsky5Transformer3DModel, "compile", lambda self, **kw: seen.setdefault("compile", True))
     out = tmp_path / "v.mp4"
-    code = main(
-        [
-            "generate",
-            "x",
-            "--model",
-            str(tiny_checkpoint),
-            "--out",
-            str(out),
-            "--height",
-            "32",
-            "--width",
-            "48",
-            "--frames",
-            "5",
-            "--steps",
-            "1",
-            "--attention-backend",
-            "math",
-            "--compile",
-            "--no-progress",
-        ]
-    )
+    code = generate_tiny(tiny_checkpoint, out, "--steps", "1", "--attention-backend", "math", "--compile")
     assert code == 0 and out.is_file()
     assert seen == {"backend": "math", "compile": True}
