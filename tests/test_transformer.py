@@ -22,7 +22,8 @@ def make_pair(**overrides):
     return ref, ours
 
 
-def run_both(ref, ours, grid, text_len=5, batch=1, scale_factor=(1, 2, 2), sparse_params=None, seed=0):
+def run_both(ref, ours, grid, text_len=5, batch=1, scale_factor=(1, 2, 2), sparse_params=None, seed=0, reference=True):
+    """(reference output or None when ``reference`` is False, our output) on the same random inputs."""
     gen = torch.Generator().manual_seed(seed)
     t, h, w = grid
     c = ours.config.visual_input_dim
@@ -32,7 +33,11 @@ def run_both(ref, ours, grid, text_len=5, batch=1, scale_factor=(1, 2, 2), spars
     timestep = torch.full((batch,), 937.5)
     pos = [torch.arange(t), torch.arange(h // 2), torch.arange(w // 2)]
     with torch.no_grad():
-        a = ref(x, text, timestep, pooled, pos, torch.arange(text_len), scale_factor, sparse_params).sample
+        a = (
+            ref(x, text, timestep, pooled, pos, torch.arange(text_len), scale_factor, sparse_params).sample
+            if reference
+            else None
+        )
         b = ours(x, text, timestep, pooled, pos, torch.arange(text_len), scale_factor, sparse_params).sample
     return a, b
 

@@ -76,18 +76,20 @@ def rope_frequencies(dim: int, max_period: float) -> torch.Tensor:
     return torch.exp(-math.log(max_period) * torch.arange(start=0, end=dim, dtype=torch.float32) / dim)
 
 
-def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
-    """``(..., n)`` angles -> ``(..., 1, n, 2, 2)`` rotation matrices (the head axis is left to broadcast)."""
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    rope = torch.stack([cos, -sin, sin, cos], dim=-1)
-    return rope.view(*rope.shape[:-1], 2, 2).unsqueeze(-4)
+def rotation_table(angles: torch.Tensor) -> torch.Tensor:
+    """``(..., n)`` angles -> ``(..., 1, n, 2)``: the cosine and sine of each angle (the head axis broadcasts).
+
+    The reference stores full 2x2 rotation matrices and sums their rows against each pair; ``apply_rope`` does the
+    same multiply-adds from the two distinct entries, with a table half the size and no 2x2 temporaries.
+    """
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).unsqueeze(-3)
 
 
 @lru_cache(maxsize=16)
 def _text_rope(length: int, head_dim: int, device: torch.device) -> torch.Tensor:
     positions = torch.arange(length, dtype=torch.float32, device=device)
     angles = torch.outer(positions, rope_frequencies(head_dim // 2, ROPE_MAX_PERIOD).to(device))
-    return rotation_matrices(angles).unsqueeze(0)  # (1, L, 1, D/2, 2, 2)
+    return rotation_table(angles).unsqueeze(0)  # (1, L, 1, D/2, 2)
 
 
 @lru_cache(maxsize=16)
@@ -98,7 +100,7 @@ def _visual_rope(
     fractal: bool,
     device: torch.device,
 ) -> torch.Tensor:
-    """RoPE table of a latent token grid ``(T, H, W)``, flattened to ``(1, T*H*W, 1, D/2, 2, 2)``."""
+    """RoPE table of a latent token grid ``(T, H, W)``, flattened to ``(1, T*H*W, 1, D/2, 2)``."""
     per_axis = []
     for size, dim, scale in zip(grid, axes_dims, scale_factor, strict=True):
         positions = torch.arange(size, dtype=torch.float32, device=device)
@@ -112,14 +114,19 @@ def _visual_rope(
         ],
         dim=-1,
     ).unsqueeze(0)
-    rope = rotation_matrices(angles)  # (1, T, H, W, 1, D/2, 2, 2)
+    rope = rotation_table(angles)  # (1, T, H, W, 1, D/2, 2)
     return to_fractal_order(rope) if fractal else rope.flatten(1, 3)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate ``(batch, seq, heads, head_dim)`` pairs by ``rope``, in float32 as the reference does."""
-    pairs = x.reshape(*x.shape[:-1], -1, 1, 2).to(torch.float32)
-    return (rope * pairs).sum(dim=-1).reshape(x.shape).to(ROPE_OUTPUT_DTYPE).type_as(x)
+    """Rotate the ``(batch, seq, heads, head_dim)`` pairs ``(a, b)`` by the table's ``(cos, sin)``:
+    ``(a cos - b sin, a sin + b cos)``, in float32 as the reference computes it (the same products and sums, so
+    the same bits), rounded to ``ROPE_OUTPUT_DTYPE`` and stored in ``x``'s dtype."""
+    pairs = x.unflatten(-1, (-1, 2)).to(torch.float32)
+    a, b = pairs.unbind(-1)
+    cos, sin = rope.unbind(-1)
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return rotated.flatten(-2).to(ROPE_OUTPUT_DTYPE).type_as(x)
 
 
 def modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -181,7 +188,20 @@ class Modulation(nn.Module):
         return self.out_layer(self.activation(time_embed))
 
 
+# Projections of an attention layer, by the names of the reference's linear layers.
+QKV_PROJECTIONS = ("to_query", "to_key", "to_value")  # self-attention: all three read the same input
+KV_PROJECTIONS = ("to_key", "to_value")  # cross-attention: key and value read the text
+FUSED_PROJECTION = "fused_projection"
+
+
 class Attention(nn.Module):
+    """Multi-head attention with per-head RMS-normalised queries and keys.
+
+    ``fuse_projections`` may merge the projections that read the same input into one linear layer (one GEMM reads
+    the input once). The checkpoint layout does not change: ``state_dict()`` splits the fused weights back into
+    the reference's ``to_query``/``to_key``/``to_value`` tensors and ``load_state_dict`` joins them.
+    """
+
     def __init__(self, num_channels: int, head_dim: int):
         super().__init__()
         self.num_heads = num_channels // head_dim
@@ -191,6 +211,53 @@ class Attention(nn.Module):
         self.query_norm = nn.RMSNorm(head_dim)
         self.key_norm = nn.RMSNorm(head_dim)
         self.out_layer = nn.Linear(num_channels, num_channels, bias=True)
+        self.fused: tuple[str, ...] = ()  # names of the projections merged into FUSED_PROJECTION
+        self.register_module(FUSED_PROJECTION, None)
+        self.register_load_state_dict_pre_hook(_join_fused_tensors)
+        self.register_state_dict_post_hook(_split_fused_tensors)
+
+    def fuse_projections(self, names: tuple[str, ...]) -> None:
+        """Merge the linear layers ``names`` (``QKV_PROJECTIONS`` or ``KV_PROJECTIONS``) into one, in place."""
+        if names not in (QKV_PROJECTIONS, KV_PROJECTIONS):
+            raise ValueError(f"can fuse {QKV_PROJECTIONS} or {KV_PROJECTIONS}, not {names}")
+        if self.fused:
+            self.unfuse_projections()
+        layers = [getattr(self, name) for name in names]
+        first = layers[0]
+        fused = nn.Linear(first.in_features, first.out_features * len(layers), device="meta")
+        trainable = first.weight.requires_grad
+        fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=trainable)
+        fused.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]), requires_grad=trainable)
+        setattr(self, FUSED_PROJECTION, fused)
+        for name in names:
+            setattr(self, name, None)
+        self.fused = names
+
+    def unfuse_projections(self) -> None:
+        """Undo ``fuse_projections``: separate linear layers holding slices of the fused weights."""
+        fused = getattr(self, FUSED_PROJECTION)
+        if fused is None:
+            return
+        for name, weight, bias in zip(
+            self.fused, fused.weight.chunk(len(self.fused)), fused.bias.chunk(len(self.fused)), strict=True
+        ):
+            layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+            layer.weight = nn.Parameter(weight.clone(), requires_grad=weight.requires_grad)
+            layer.bias = nn.Parameter(bias.clone(), requires_grad=bias.requires_grad)
+            setattr(self, name, layer)
+        setattr(self, FUSED_PROJECTION, None)
+        self.fused = ()
+
+    def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Query from ``x``; key and value from ``context`` (``None``: self-attention on ``x``)."""
+        if self.fused == QKV_PROJECTIONS:
+            if context is not None:
+                raise ValueError("fused query/key/value projections serve self-attention only")
+            return self.fused_projection(x).chunk(3, dim=-1)
+        context = x if context is None else context
+        if self.fused == KV_PROJECTIONS:
+            return (self.to_query(x), *self.fused_projection(context).chunk(2, dim=-1))
+        return self.to_query(x), self.to_key(context), self.to_value(context)
 
     def forward(
         self,
@@ -200,10 +267,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         sparse: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        context = x if context is None else context
-        query = self.to_query(x).unflatten(-1, (self.num_heads, -1))
-        key = self.to_key(context).unflatten(-1, (self.num_heads, -1))
-        value = self.to_value(context).unflatten(-1, (self.num_heads, -1))
+        query, key, value = (t.unflatten(-1, (self.num_heads, -1)) for t in self.project(x, context))
         query = self.query_norm(query.float()).type_as(query)
         key = self.key_norm(key.float()).type_as(key)
         if rope is not None:
@@ -214,6 +278,23 @@ class Attention(nn.Module):
         block_map = None if sparse is None else nabla_block_mask(query, key, sparse["sta_mask"], sparse["P"])
         out = attention(query, key, value, mask=mask, block_map=block_map)
         return self.out_layer(out.flatten(-2, -1))
+
+
+def _join_fused_tensors(module: Attention, state_dict: dict, prefix: str, *_) -> None:
+    """Load hook: the reference's separate projection tensors -> the fused layer's, when ``module`` is fused."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{name}.{kind}" for name in module.fused]
+        if names and all(name in state_dict for name in names):
+            state_dict[f"{prefix}{FUSED_PROJECTION}.{kind}"] = torch.cat([state_dict.pop(name) for name in names])
+
+
+def _split_fused_tensors(module: Attention, state_dict: dict, prefix: str, _metadata) -> None:
+    """``state_dict`` hook: the fused layer's tensors -> the reference's names (the checkpoint layout)."""
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{kind}", None)
+        if fused is not None:
+            for name, part in zip(module.fused, fused.chunk(len(module.fused)), strict=True):
+                state_dict[f"{prefix}{name}.{kind}"] = part
 
 
 class FeedForward(nn.Module):
@@ -319,6 +400,21 @@ class Kandinsky5Transformer3DModel(ModelBase):
     def set_attention_backend(self, name: str | None) -> None:
         """Attention backend for this model's forward (``None``: the process default); see kandinsky5.attention."""
         self.attention_backend = None if name is None else validate_backend(name)
+
+    def fuse_qkv_projections(self) -> None:
+        """Merge each self-attention's query, key and value projections, and each cross-attention's key and value
+        projections, into one linear layer (diffusers' method name). Outputs equal the unfused model's up to the
+        summation order of the matrix multiply; ``state_dict()`` keeps the checkpoint layout."""
+        for module in self.modules():
+            if isinstance(module, TextBlock | VisualBlock):
+                module.self_attention.fuse_projections(QKV_PROJECTIONS)
+            if isinstance(module, VisualBlock):
+                module.cross_attention.fuse_projections(KV_PROJECTIONS)
+
+    def unfuse_qkv_projections(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.unfuse_projections()
 
     def compile(self, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False, **kwargs):
         """Regional compilation: ``torch.compile`` each text and visual block in place (see kandinsky5.runtime).
