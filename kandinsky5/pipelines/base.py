@@ -230,6 +230,23 @@ class Kandinsky5PipelineBase:
             self._offload_plan.remove()
             self._offload_plan = None
 
+    # ------------------------------------------------------------------ transforms
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse the transformer's attention projections (see ``Kandinsky5Transformer3DModel.fuse_qkv_projections``);
+        offload hooks, when on, are re-armed for the new layers."""
+        self._rebuild_layers(self.transformer.fuse_qkv_projections)
+
+    def unfuse_qkv_projections(self) -> None:
+        self._rebuild_layers(self.transformer.unfuse_qkv_projections)
+
+    def _rebuild_layers(self, transform) -> None:
+        plan = self._offload_plan
+        self.remove_all_hooks()
+        transform()
+        if plan is not None:
+            self._enable_offload(type(plan), None, plan.device)
+
     # ------------------------------------------------------------------ progress bar
 
     def set_progress_bar_config(self, **kwargs) -> None:
