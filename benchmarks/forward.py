@@ -1,11 +1,19 @@
 """One DiT forward, ours next to diffusers', on the same random weights in one process.
 
     python benchmarks/forward.py --model lite              # 512x768x121, bf16, on the GPU
-    python benchmarks/forward.py --model pro --repeats 2
+    python benchmarks/forward.py --model pro --repeats 2 --variants eager,fused
     python benchmarks/forward.py --smoke                   # tiny model on the CPU: checks the script only
 
 The weights are created once (bf16, float32 islands as from_pretrained keeps them) and the same tensors are
-assigned into both models, so the only difference is the code. Prints a table and writes
+assigned into both models, so the only difference is the code. Our model runs in each of ``--variants``:
+
+- ``eager``: the model as loaded;
+- ``fused``: ``fuse_qkv_projections()`` (one GEMM for query, key and value);
+- ``compiled``: ``transformer.compile()`` (regional: the norm-modulate, RoPE and gate-residual float32 math fused
+  into a few kernels); its first call, compilation included, is reported apart;
+- ``fused+compiled``: both.
+
+Each speed-up is kept as a default only where this table shows it. Prints a table and writes
 ``benchmarks/results/forward-<model>-<HxWxF>.json`` with the GPU name, torch version and date.
 """
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +31,7 @@ import common  # noqa: E402
 
 from kandinsky5.models.dit import Kandinsky5Transformer3DModel  # noqa: E402
 
+VARIANTS = ("eager", "fused", "compiled", "fused+compiled")
 VAE_SPATIAL = 8
 VAE_TEMPORAL = 4
 TEXT_TOKENS = 128  # a typical templated prompt after the prefix crop
@@ -53,11 +63,27 @@ def build_models(config: dict, device: torch.device, dtype: torch.dtype):
     return ours.eval().requires_grad_(False), reference.eval().requires_grad_(False)
 
 
+def fused_copy(model: Kandinsky5Transformer3DModel) -> Kandinsky5Transformer3DModel:
+    """A second model with ``model``'s tensors, its attention projections fused (built on meta, then assigned)."""
+    with torch.device("meta"):
+        fused = Kandinsky5Transformer3DModel.from_config(model.config)
+    fused.fuse_qkv_projections()
+    fused.load_state_dict(model.state_dict(), assign=True)
+    return fused.eval().requires_grad_(False)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_run_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} (default all)"
+    )
     args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     name, device, dtype = common.choose_run(args, parser, height=64, width=64, frames=5, repeats=1)
     config = common.CONFIGS[name]
     ours, reference = build_models(config, device, dtype)
@@ -79,17 +105,46 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return model(x, text, timestep, pooled, rope_pos, text_pos, scale).sample
 
-    rows = {}
-    outputs = {}
-    for label, model in (("diffusers", reference), ("kandinsky5", ours)):
+    rows, outputs = {}, {}
+
+    def measure(label, model):
         common.reset_peak_memory(device)
-        seconds, out = common.timed(lambda m=model: run(m), device, args.repeats)
-        outputs[label] = out
-        rows[label] = {"seconds_per_forward": seconds, "peak_memory_gib": common.peak_memory_gib(device)}
+        common.synchronize(device)
+        start = time.perf_counter()
+        run(model)  # the first call: kernel selection, and compilation for compiled variants
+        common.synchronize(device)
+        first_call = time.perf_counter() - start
+        seconds, outputs[label] = common.timed(lambda: run(model), device, args.repeats, warmup=0)
+        rows[label] = {
+            "seconds_per_forward": seconds,
+            "first_call_seconds": first_call,
+            "peak_memory_gib": common.peak_memory_gib(device),
+        }
+
+    measure("diffusers", reference)
+    del reference  # ours holds the same tensors; the reference's modules are no longer needed
+    # ``fused`` needs a model of its own (new concatenated tensors); ``compiled`` compiles in place, so eager runs
+    # come first.
+    ours_fused = None
+    if any(v.startswith("fused") for v in variants):
+        ours_fused = fused_copy(ours)
+    for variant in variants:
+        if variant == "eager":
+            measure("kandinsky5 eager", ours)
+        elif variant == "fused":
+            measure("kandinsky5 fused", ours_fused)
+    for variant in variants:
+        if variant == "compiled":
+            measure("kandinsky5 compiled", ours.compile())
+        elif variant == "fused+compiled":
+            measure("kandinsky5 fused+compiled", ours_fused.compile())
     flops = common.transformer_flops(config, visual_tokens, TEXT_TOKENS)
     roofline = common.roofline_seconds(config, flops)
-    for row in rows.values():
+    for label, row in rows.items():
         row["roofline_fraction"] = roofline / row["seconds_per_forward"]
+        if label != "diffusers":
+            row["speedup_vs_diffusers"] = rows["diffusers"]["seconds_per_forward"] / row["seconds_per_forward"]
+            row["relative_l2_vs_diffusers"] = common.relative_l2(outputs[label], outputs["diffusers"])
     result = {
         **common.environment(),
         "benchmark": "transformer forward",
@@ -100,15 +155,17 @@ def main(argv=None) -> int:
         "flops": flops,
         "roofline_seconds": roofline,
         "results": rows,
-        "speedup_vs_diffusers": rows["diffusers"]["seconds_per_forward"] / rows["kandinsky5"]["seconds_per_forward"],
-        "relative_l2_vs_diffusers": common.relative_l2(outputs["kandinsky5"], outputs["diffusers"]),
     }
     print(f"{name} forward {args.height}x{args.width}x{args.frames} ({visual_tokens} tokens), {dtype}")
-    print(f"{'':12} {'s/forward':>10} {'peak GiB':>9} {'roofline':>9}")
+    print(f"{'':26} {'s/forward':>10} {'1st call s':>10} {'peak GiB':>9} {'roofline':>9} {'speed-up':>9} {'rel L2':>9}")
     for label, row in rows.items():
         peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
-        print(f"{label:12} {row['seconds_per_forward']:10.3f} {peak:>9} {row['roofline_fraction']:9.2f}")
-    print(f"speed-up {result['speedup_vs_diffusers']:.2f}x, relative L2 {result['relative_l2_vs_diffusers']:.2e}")
+        speedup = f"{row['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in row else "-"
+        l2 = f"{row['relative_l2_vs_diffusers']:.1e}" if "relative_l2_vs_diffusers" in row else "-"
+        print(
+            f"{label:26} {row['seconds_per_forward']:10.3f} {row['first_call_seconds']:10.2f} {peak:>9} "
+            f"{row['roofline_fraction']:9.2f} {speedup:>9} {l2:>9}"
+        )
     path = common.save_results(f"forward-{name}-{args.height}x{args.width}x{args.frames}", result, args.smoke)
     if path:
         print(f"saved {path}")

@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload() on both pipelines")
     parser.add_argument("--only", choices=["both", "kandinsky5", "diffusers"], default="both")
     parser.add_argument("--batched-guidance", action="store_true", help="ours: condition and negative in one call")
+    parser.add_argument("--fuse-qkv", action="store_true", help="ours: pipe.fuse_qkv_projections()")
+    parser.add_argument("--compile", action="store_true", help="ours: transformer.compile() (regional)")
     args = parser.parse_args(argv)
     name, device, dtype = common.choose_run(args, parser, height=64, width=64, frames=9, steps=2)
 
@@ -159,7 +161,12 @@ def main(argv=None) -> int:
     if args.only != "both":
         pipes = {args.only: pipes[args.only]}
     if "kandinsky5" in pipes:
-        pipes["kandinsky5"].batched_guidance = args.batched_guidance
+        ours = pipes["kandinsky5"]
+        ours.batched_guidance = args.batched_guidance
+        if args.fuse_qkv:
+            ours.fuse_qkv_projections()
+        if args.compile:
+            ours.transformer.compile()
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
         if args.offload:
@@ -182,6 +189,8 @@ def main(argv=None) -> int:
         "guidance_scale": args.guidance,
         "offload": args.offload,
         "batched_guidance": args.batched_guidance,
+        "fuse_qkv": args.fuse_qkv,
+        "compile": args.compile,
         "dtype": str(dtype),
         "results": rows,
         "vae_decode": decode,
@@ -205,7 +214,13 @@ def main(argv=None) -> int:
         print(f"VAE decode {label}: {row['seconds']:.2f} s")
     if "frames_relative_l2_vs_diffusers" in result:
         print(f"frames relative L2 vs diffusers: {result['frames_relative_l2_vs_diffusers']:.2e}")
-    suffix = ("-offload" if args.offload else "") + ("-batched" if args.batched_guidance else "")
+    options = {
+        "offload": args.offload,
+        "batched": args.batched_guidance,
+        "fused": args.fuse_qkv,
+        "compiled": args.compile,
+    }
+    suffix = "".join(f"-{option}" for option, on in options.items() if on)
     tag = f"pipeline-{name}-{args.height}x{args.width}x{args.frames}-{args.steps}steps{suffix}"
     path = common.save_results(tag, result, args.smoke)
     if path:

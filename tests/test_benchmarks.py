@@ -10,11 +10,25 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 
+def relative_l2_column(out: str) -> dict[str, float]:
+    """``{row label: relative L2}`` from the forward benchmark's table (last column)."""
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("kandinsky5 "):
+            label, value = line.rsplit(maxsplit=1)
+            rows[label.split("  ")[0]] = float(value)
+    return rows
+
+
 def test_forward_benchmark_smoke(capsys):
     import forward
 
     assert forward.main(["--smoke"]) == 0
-    assert "relative L2 0.00e+00" in capsys.readouterr().out
+    l2 = relative_l2_column(capsys.readouterr().out)
+    assert set(l2) == {f"kandinsky5 {v}" for v in forward.VARIANTS}
+    assert l2["kandinsky5 eager"] == 0.0
+    # float32: fusing and compiling change only the summation order
+    assert max(l2.values()) <= 1e-6
 
 
 def test_pipeline_benchmark_smoke(capsys):
@@ -22,6 +36,13 @@ def test_pipeline_benchmark_smoke(capsys):
 
     assert pipeline.main(["--smoke"]) == 0
     assert "frames relative L2 vs diffusers: 0.00e+00" in capsys.readouterr().out
+
+
+def test_pipeline_benchmark_smoke_with_our_options(capsys):
+    import pipeline
+
+    assert pipeline.main(["--smoke", "--fuse-qkv", "--batched-guidance", "--only", "kandinsky5"]) == 0
+    assert "kandinsky5" in capsys.readouterr().out
 
 
 def test_attention_benchmark_smoke():
