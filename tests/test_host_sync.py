@@ -68,3 +68,19 @@ def test_nabla_denoising_loop_never_reads_device_values(reference_nabla_checkpoi
     pipe.set_progress_bar_config(disable=True)
     reads = host_reads_in_loop(pipe, prompt="A fox", guidance_scale=5.0, **dict(height=256, width=256))
     assert reads == []
+
+
+def test_rope_tables_are_built_once_per_shape(reference_checkpoint):
+    """RoPE tables depend only on shapes: steps and layers after the first reuse them."""
+    from kandinsky5.models import dit
+
+    pipe = Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
+    pipe.set_progress_bar_config(disable=True)
+    dit._visual_rope.cache_clear()
+    dit._text_rope.cache_clear()
+    pipe(prompt="A fox", generator=torch.Generator().manual_seed(0), guidance_scale=5.0, **SMALL)
+    assert dit._visual_rope.cache_info().misses == 1
+    # the prompt and the negative prompt have their own lengths
+    assert dit._text_rope.cache_info().misses == 2
+    calls = 2 * SMALL["num_inference_steps"]
+    assert dit._visual_rope.cache_info().hits == calls - 1
