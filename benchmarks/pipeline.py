@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from forward import build_models  # noqa: E402
+from forward import TEXT_TOKENS, VAE_SPATIAL, VAE_TEMPORAL, build_models  # noqa: E402
 
 from kandinsky5 import Kandinsky5T2VPipeline, export_to_video  # noqa: E402
 from kandinsky5.models.vae import AutoencoderKLHunyuanVideo  # noqa: E402
@@ -180,6 +180,18 @@ def main(argv=None) -> int:
             run_pipeline(pipe, argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS}), device, Path(tmp), label)
             rows[label], frames[label] = run_pipeline(pipe, args, device, Path(tmp), label)
     decode = {} if args.offload else time_vae_decode(pipes, args, device, dtype)
+    # roofline of one step: one DiT forward per guidance branch (text length: the forward benchmark's typical one)
+    config = common.CONFIGS[name]
+    _, patch_h, patch_w = config["patch_size"]
+    latent_frames = (args.frames - 1) // VAE_TEMPORAL + 1
+    visual_tokens = latent_frames * (args.height // (VAE_SPATIAL * patch_h)) * (args.width // (VAE_SPATIAL * patch_w))
+    forwards_per_step = 2 if args.guidance > 1 else 1
+    step_roofline = forwards_per_step * common.roofline_seconds(
+        config, common.transformer_flops(config, visual_tokens, TEXT_TOKENS)
+    )
+    for row in rows.values():
+        if row["seconds_per_step"]:
+            row["step_roofline_fraction"] = step_roofline / row["seconds_per_step"]
     result = {
         **common.environment(),
         "benchmark": "text-to-video pipeline",
@@ -201,15 +213,20 @@ def main(argv=None) -> int:
         result["end_to_end_speedup_vs_diffusers"] = (
             rows["diffusers"]["end_to_end_seconds"] / rows["kandinsky5"]["end_to_end_seconds"]
         )
+        if rows["kandinsky5"]["seconds_per_step"]:
+            result["step_speedup_vs_diffusers"] = (
+                rows["diffusers"]["seconds_per_step"] / rows["kandinsky5"]["seconds_per_step"]
+            )
     print(
         f"{name} T2V {args.height}x{args.width}x{args.frames}, {args.steps} steps, CFG {args.guidance}, {dtype}"
         + (", model offload" if args.offload else "")
     )
-    print(f"{'':12} {'total s':>9} {'s/step':>8} {'peak GiB':>9}")
+    print(f"{'':12} {'total s':>9} {'s/step':>8} {'peak GiB':>9} {'roofline':>9}")
     for label, row in rows.items():
         peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
         per_step = "-" if row["seconds_per_step"] is None else f"{row['seconds_per_step']:.3f}"
-        print(f"{label:12} {row['end_to_end_seconds']:9.2f} {per_step:>8} {peak:>9}")
+        roofline = f"{row['step_roofline_fraction']:.2f}" if "step_roofline_fraction" in row else "-"
+        print(f"{label:12} {row['end_to_end_seconds']:9.2f} {per_step:>8} {peak:>9} {roofline:>9}")
     for label, row in decode.items():
         print(f"VAE decode {label}: {row['seconds']:.2f} s")
     if "frames_relative_l2_vs_diffusers" in result:
