@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +30,11 @@ from forward import TEXT_TOKENS, VAE_SPATIAL, VAE_TEMPORAL, build_models  # noqa
 from kandinsky5 import Kandinsky5T2VPipeline, export_to_video  # noqa: E402
 from kandinsky5.models.vae import AutoencoderKLHunyuanVideo  # noqa: E402
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# The real tokenizers and configs; ../shared/reference beside the checkout, or where KANDINSKY5_REFERENCE_DIR says
+# (a GPU machine that receives the repository alone gets a copy inside it).
+REFERENCE_DIR = Path(
+    os.environ.get("KANDINSKY5_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
+)
 PROMPT = "A cat and a dog baking a cake together in a kitchen."
 SHIFT = 5.0
 WARMUP_STEPS = 2

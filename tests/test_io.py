@@ -231,3 +231,26 @@ def test_load_image_errors(tmp_path):
     # Nothing listens on port 9 of this machine (and there is no network here): a clear OSError, no hang.
     with pytest.raises(OSError, match="http://127.0.0.1:9/image.png"):
         load_image("http://127.0.0.1:9/image.png")
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_float_frames_convert_exactly_frame_by_frame(as_list):
+    """The frame-by-frame conversion gives the whole-array formula's bytes, halves included (rounded to even)."""
+    from kandinsky5.io.video import frames_to_uint8
+
+    frames = np.random.default_rng(0).random((4, 6, 10, 3), dtype=np.float32)
+    frames[0, 0, 0, :] = [0.5 / 255, 1.5 / 255, 1.0]
+    frames[1, 0, 0, :] = [-1e-4, 1.0 + 1e-4, 0.0]  # within the tolerance: clipped
+    expected = np.round(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
+    got = frames_to_uint8(list(frames) if as_list else frames)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1.5])
+def test_bad_values_in_a_later_frame_are_named(bad):
+    from kandinsky5.io.video import frames_to_uint8
+
+    frames = [np.zeros((4, 6, 3), np.float32) for _ in range(3)]
+    frames[2][1, 1, 1] = bad
+    with pytest.raises(ValueError, match=r"video_frames: .*frame 2"):
+        frames_to_uint8(frames)

@@ -50,16 +50,27 @@ def _is_torch_tensor(value) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def _float_to_uint8(frames: np.ndarray, name: str) -> np.ndarray:
-    if not np.all(np.isfinite(frames)):
-        raise ValueError(f"{name}: float frames contain NaN or infinite values")
-    low, high = float(frames.min()), float(frames.max())
-    if low < -FLOAT_RANGE_TOLERANCE or high > 1.0 + FLOAT_RANGE_TOLERANCE:
-        raise ValueError(
-            f"{name}: float frames must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] "
-            "(pass uint8 for 0..255, and map [-1, 1] outputs to [0, 1] first)"
-        )
-    return np.round(np.clip(frames, 0.0, 1.0) * MAX_PIXEL_VALUE).astype(np.uint8)
+def _float_to_uint8(frames, name: str) -> np.ndarray:
+    """Float frames in [0, 1] (an array or a sequence of equal arrays) -> one uint8 array, frame by frame.
+
+    One frame at a time keeps the work in cache and never holds a float copy of the whole video (a 5 s clip at
+    512x768 is over half a gigabyte in float32). ``min``/``max`` propagate NaN, so they also catch non-finite values.
+    """
+    out = np.empty((len(frames), *frames[0].shape), dtype=np.uint8)
+    for index, frame in enumerate(frames):
+        low, high = float(frame.min()), float(frame.max())
+        if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
+            raise ValueError(f"{name}: float frames contain NaN or infinite values (frame {index})")
+        if low < -FLOAT_RANGE_TOLERANCE or high > 1.0 + FLOAT_RANGE_TOLERANCE:
+            raise ValueError(
+                f"{name}: float frames must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] (frame {index}) "
+                "(pass uint8 for 0..255, and map [-1, 1] outputs to [0, 1] first)"
+            )
+        scaled = np.clip(frame, 0.0, 1.0)
+        np.multiply(scaled, MAX_PIXEL_VALUE, out=scaled)
+        np.round(scaled, out=scaled)
+        out[index] = scaled
+    return out
 
 
 def _array_to_uint8(frames: np.ndarray, name: str) -> np.ndarray:
@@ -96,7 +107,12 @@ def frames_to_uint8(video_frames, name: str = "video_frames") -> np.ndarray:
             dtypes = {frame.dtype for frame in video_frames}
             if len(shapes) != 1 or len(dtypes) != 1:
                 raise ValueError(f"{name}: all frames must share one shape and dtype, got {shapes} and {dtypes}")
-            video_frames = np.stack(video_frames)
+            frame_shape = next(iter(shapes))
+            well_formed = len(frame_shape) == 3 and frame_shape[-1] == RGB_CHANNELS and 0 not in frame_shape
+            if well_formed and np.issubdtype(next(iter(dtypes)), np.floating):
+                video_frames = _float_to_uint8(video_frames, name)  # no float copy of the whole video
+            else:
+                video_frames = np.stack(video_frames)
         else:
             kinds = sorted({type(frame).__name__ for frame in video_frames})
             raise ValueError(f"{name}: a list must hold only PIL images or only numpy arrays, got {kinds}")
