@@ -290,3 +290,43 @@ def test_bfloat16_decode_as_accurate_as_the_reference(frames):
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("frames", [3, 7], ids=["direct", "framewise"])
+@torch.no_grad()
+def test_auto_tiling_tiles_only_when_memory_is_short(frames):
+    _, ours = build_pair()
+    assert ours.use_auto_tiling and not ours.use_tiling  # the default
+    latents = torch.randn(1, LATENT_CHANNELS, frames, 6, 8, generator=torch.Generator().manual_seed(2))
+    untiled = ours.decode(latents).sample
+    ours.enable_tiling(**SMALL_TILES)
+    tiled = ours.decode(latents).sample
+    assert max_diff(tiled, untiled) > 1e-3  # the two paths really differ (blended seams)
+
+    asked = []
+
+    def free_memory(bytes_free):
+        def report(device):
+            asked.append(device)
+            return bytes_free
+
+        return report
+
+    ours.enable_auto_tiling(free_memory(2**40))
+    assert not ours.use_tiling and torch.equal(ours.decode(latents).sample, untiled)
+    ours.enable_auto_tiling(free_memory(1024))
+    assert torch.equal(ours.decode(latents).sample, tiled)  # the tile sizes set before are kept
+    assert asked == [latents.device, latents.device]
+    ours.enable_auto_tiling()  # the CPU reports no free memory: never tiles
+    assert torch.equal(ours.decode(latents).sample, untiled)
+    ours.disable_tiling()
+    assert not ours.use_auto_tiling
+
+
+def test_decode_peak_estimate_reproduces_the_reference_figure():
+    from kandinsky5.models.vae import REFERENCE_DECODE_PEAK_BYTES, estimate_decode_peak_bytes
+
+    assert estimate_decode_peak_bytes(17, 512, 768, 128, 2) == REFERENCE_DECODE_PEAK_BYTES
+    # float32 doubles it; 1024x1024 needs 8/3 of it
+    assert estimate_decode_peak_bytes(17, 512, 768, 128, 4) == 2 * REFERENCE_DECODE_PEAK_BYTES
+    assert estimate_decode_peak_bytes(17, 1024, 1024, 128, 2) == int(REFERENCE_DECODE_PEAK_BYTES * 8 / 3)

@@ -11,6 +11,7 @@ Layout: every convolution is causal in time (it sees the current and earlier fra
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
@@ -20,6 +21,8 @@ from torch import nn
 
 from kandinsky5.models.base import ComponentConfig, ModelBase
 from kandinsky5.sampling.noise import randn
+
+logger = logging.getLogger(__name__)
 
 DOWN_BLOCK_TYPE = "HunyuanVideoDownBlock3D"
 UP_BLOCK_TYPE = "HunyuanVideoUpBlock3D"
@@ -49,6 +52,17 @@ TILE_SAMPLE_MIN_NUM_FRAMES = 16
 TILE_SAMPLE_STRIDE_HEIGHT = 192
 TILE_SAMPLE_STRIDE_WIDTH = 192
 TILE_SAMPLE_STRIDE_NUM_FRAMES = 12
+
+# Automatic spatial tiling (``enable_auto_tiling``) estimates the peak activation memory of an untiled decode from
+# the reference's measured figure: 21.5 GiB above the weights for one 17-frame chunk at 512x768 in bfloat16
+# (shared/reference/README.md). The peak scales with the values of the full-resolution stage: frames x height x
+# width x that stage's channels x bytes per value.
+REFERENCE_DECODE_PEAK_BYTES = 21.5 * 2**30
+REFERENCE_DECODE_VALUES = 17 * 512 * 768 * 128  # frames x height x width x channels of the last decoder stage
+REFERENCE_DECODE_ITEMSIZE = 2  # bfloat16
+# Margin over the estimate (allocator fragmentation, the decoded video itself). Small, because the reference's
+# figure includes its (tokens x tokens) attention mask, which we do not build.
+AUTO_TILING_HEADROOM = 1.05
 
 
 @dataclasses.dataclass
@@ -447,11 +461,29 @@ def tile_spatially(
     return torch.cat(stitched_rows, dim=-2)[..., : out_size[0], : out_size[1]]
 
 
+def estimate_decode_peak_bytes(frames: int, height: int, width: int, channels: int, itemsize: int) -> int:
+    """Peak activation bytes of decoding ``frames`` sample frames of ``height`` x ``width`` pixels in one piece
+    (no spatial tiles), for a decoder whose full-resolution stage has ``channels`` channels."""
+    values = frames * height * width * channels
+    return int(REFERENCE_DECODE_PEAK_BYTES * values / REFERENCE_DECODE_VALUES * itemsize / REFERENCE_DECODE_ITEMSIZE)
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Memory a decode on ``device`` can still take: free device memory plus what PyTorch's allocator holds
+    unused; ``None`` where it is not known (CPU), which never tiles."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 class AutoencoderKLHunyuanVideo(ModelBase):
     """HunyuanVideo's causal video VAE: ``encode(video).latent_dist`` and ``decode(latents).sample``.
 
     Long videos are encoded and decoded in overlapping temporal tiles by default (``use_framewise_encoding``,
-    ``use_framewise_decoding``), as in the reference; ``enable_tiling()`` adds overlapping spatial tiles.
+    ``use_framewise_decoding``), as in the reference; ``enable_tiling()`` adds overlapping spatial tiles. By default
+    a decode is spatially tiled only when the GPU's free memory would not hold an untiled one
+    (``enable_auto_tiling``); ``disable_tiling()`` turns that off too, as the reference behaves.
 
     ``vae.to(memory_format=torch.channels_last_3d)`` runs the convolutions on channels-last activations (the layout
     cuDNN's bf16 3D convolutions prefer); the numbers stay those of the default layout up to summation order.
@@ -481,6 +513,10 @@ class AutoencoderKLHunyuanVideo(ModelBase):
         self.use_slicing = False
         # overlapping spatial tiles, for large frames
         self.use_tiling = False
+        # spatial tiles only for decodes whose estimated peak exceeds the memory free_memory(device) reports (on by
+        # default: where memory suffices, the output is the reference's default untiled decode)
+        self.use_auto_tiling = True
+        self.free_memory: Callable[[torch.device], int | None] = device_free_bytes
         # overlapping temporal tiles once a video is longer than tile_sample_min_num_frames (on by default)
         self.use_framewise_encoding = True
         self.use_framewise_decoding = True
@@ -512,7 +548,38 @@ class AutoencoderKLHunyuanVideo(ModelBase):
         self.tile_sample_stride_num_frames = tile_sample_stride_num_frames or self.tile_sample_stride_num_frames
 
     def disable_tiling(self) -> None:
+        """Turn spatial tiling off, automatic tiling included."""
         self.use_tiling = False
+        self.use_auto_tiling = False
+
+    def enable_auto_tiling(self, free_memory: Callable[[torch.device], int | None] | None = None) -> None:
+        """Decode in spatial tiles only when memory needs it: per ``decode`` call, when the estimated peak of an
+        untiled decode (``estimate_decode_peak_bytes``, with ``AUTO_TILING_HEADROOM``) exceeds the memory the device
+        has left. Untiled decodes equal the reference's default (tiling off); tiled ones its ``enable_tiling()``.
+        ``free_memory(device)`` (bytes, or None for "unknown: don't tile") defaults to ``device_free_bytes``.
+        """
+        self.use_tiling = False
+        self.use_auto_tiling = True
+        self.free_memory = free_memory or device_free_bytes
+
+    def tiling_needed(self, z: torch.Tensor) -> bool:
+        """Whether decoding latents ``z`` goes through spatial tiles (see ``enable_auto_tiling``)."""
+        if self.use_tiling:
+            return True
+        if not self.use_auto_tiling:
+            return False
+        num_frames, height, width = z.shape[2:]
+        if self.use_framewise_decoding and num_frames > self._tile_latent_min_num_frames:
+            num_frames = self._tile_latent_min_num_frames + 1  # one temporal chunk at a time
+        ratio = self.spatial_compression_ratio
+        sample_frames = (num_frames - 1) * self.temporal_compression_ratio + 1
+        batch = 1 if self.use_slicing else z.shape[0]
+        itemsize = self.decoder.conv_out.conv.weight.element_size()
+        peak = batch * estimate_decode_peak_bytes(
+            sample_frames, height * ratio, width * ratio, self.config.block_out_channels[0], itemsize
+        )
+        available = self.free_memory(z.device)
+        return available is not None and peak * AUTO_TILING_HEADROOM > available
 
     def enable_slicing(self) -> None:
         self.use_slicing = True
@@ -605,17 +672,20 @@ class AutoencoderKLHunyuanVideo(ModelBase):
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
         """Latents ``(B, latent, t, h, w)`` (already divided by ``scaling_factor``) -> video
         ``(B, C, 1 + 4(t-1), 8h, 8w)``, roughly in [-1, 1]."""
+        tiled = self.tiling_needed(z)
+        if tiled and not self.use_tiling:
+            logger.info("VAE: decoding %s in spatial tiles, as memory is short", tuple(z.shape))
         if self.use_slicing and z.shape[0] > 1:
-            decoded = torch.cat([self._decode(part) for part in z.split(1)])
+            decoded = torch.cat([self._decode(part, tiled) for part in z.split(1)])
         else:
-            decoded = self._decode(z)
+            decoded = self._decode(z, tiled)
         return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
         num_frames, height, width = z.shape[2:]
         if self.use_framewise_decoding and num_frames > self._tile_latent_min_num_frames:
-            return self._temporal_tiled_decode(z)
-        if self.use_tiling and self._exceeds_latent_tile(height, width):
+            return self._temporal_tiled_decode(z, tiled)
+        if tiled and self._exceeds_latent_tile(height, width):
             return self._tiled_decode(z)
         return self._decode_tile(z)
 
@@ -638,14 +708,14 @@ class AutoencoderKLHunyuanVideo(ModelBase):
             out_size=(z.shape[-2] * ratio, z.shape[-1] * ratio),
         )
 
-    def _temporal_tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _temporal_tiled_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
         num_frames = z.shape[2]
         num_sample_frames = (num_frames - 1) * self.temporal_compression_ratio + 1
         tiles = []
         for start in range(0, num_frames, self._tile_latent_stride_num_frames):
             # one latent frame more than the tile size, the causal first frame
             chunk = z[:, :, start : start + self._tile_latent_min_num_frames + 1]
-            if self.use_tiling and self._exceeds_latent_tile(*chunk.shape[-2:]):
+            if tiled and self._exceeds_latent_tile(*chunk.shape[-2:]):
                 tile = self._tiled_decode(chunk)
             else:
                 tile = self._decode_tile(chunk)
