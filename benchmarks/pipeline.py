@@ -41,9 +41,25 @@ WARMUP_STEPS = 2
 SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
 
 
+def build_vae_pair(name: str, device: torch.device, dtype: torch.dtype):
+    """(ours, diffusers') HunyuanVideo VAE with the official config (tiny for ``smoke``), random weights, the very
+    same tensors in both."""
+    from diffusers import AutoencoderKLHunyuanVideo as ReferenceVAE
+
+    vae_config = json.loads((REFERENCE_DIR / "checkpoint-pro-5s" / "vae" / "config.json").read_text())
+    vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+    if name == "smoke":
+        vae_config.update(SMOKE_VAE)
+    with torch.device(device):
+        reference_vae = ReferenceVAE(**vae_config).to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        ours_vae = AutoencoderKLHunyuanVideo.from_config(vae_config)
+    ours_vae.load_state_dict(reference_vae.state_dict(), assign=True)
+    return ours_vae.eval().requires_grad_(False), reference_vae
+
+
 def build_shared_components(name: str, device: torch.device, dtype: torch.dtype) -> dict:
     """Random-weight components, each created once; returns kwargs for both pipelines' constructors."""
-    from diffusers import AutoencoderKLHunyuanVideo as ReferenceVAE
     from transformers import (
         AutoTokenizer,
         CLIPTextConfig,
@@ -56,15 +72,12 @@ def build_shared_components(name: str, device: torch.device, dtype: torch.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "qwen2_5_vl"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "clip_vit_large_patch14"))
     checkpoint = REFERENCE_DIR / "checkpoint-pro-5s"
-    vae_config = json.loads((checkpoint / "vae" / "config.json").read_text())
-    vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
     if name == "smoke":
         from kandinsky5.tiny_text import build_tiny_clip_text_encoder, build_tiny_qwen_text_encoder
 
         dit_config = dict(common.SMOKE, in_text_dim=32, in_text_dim2=32)
         text_encoder = build_tiny_qwen_text_encoder(len(tokenizer), hidden_size=32)
         text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=32)
-        vae_config.update(SMOKE_VAE)
     else:
         dit_config = common.CONFIGS[name]
         qwen_config = Qwen2_5_VLConfig.from_pretrained(str(checkpoint / "text_encoder"))
@@ -75,11 +88,7 @@ def build_shared_components(name: str, device: torch.device, dtype: torch.dtype)
     text_encoder = text_encoder.to(device, dtype).eval().requires_grad_(False)
     text_encoder_2 = text_encoder_2.to(device, dtype).eval().requires_grad_(False)
     ours_dit, reference_dit = build_models(dit_config, device, dtype)
-    with torch.device(device):
-        reference_vae = ReferenceVAE(**vae_config).to(dtype).eval().requires_grad_(False)
-    with torch.device("meta"):
-        ours_vae = AutoencoderKLHunyuanVideo.from_config(vae_config)
-    ours_vae.load_state_dict(reference_vae.state_dict(), assign=True)
+    ours_vae, reference_vae = build_vae_pair(name, device, dtype)
     shared = dict(
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2
     )
