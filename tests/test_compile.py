@@ -32,6 +32,14 @@ SPARSE_NABLA = dict(NABLA_ATTENTION, attention_wT=1, attention_P=0.3)
 GRID = (3, 32, 32)  # latent grid: 3 frames x 2 x 2 tiles of 8x8 tokens after the 2x2 patch
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Graph counts are per test: compilations earlier in the session (the benchmark smoke runs compile the same
+    block classes) would otherwise mark shapes dynamic and add graphs."""
+    torch._dynamo.reset()
+    yield
+
+
 def tiny_model(nabla=False, **overrides):
     config = dict(TINY_TRANSFORMER, **(SPARSE_NABLA if nabla else {}), **overrides)
     model = Kandinsky5Transformer3DModel.from_config(config).eval()
