@@ -76,6 +76,13 @@ def rope_frequencies(dim: int, max_period: float) -> torch.Tensor:
     return torch.exp(-math.log(max_period) * torch.arange(start=0, end=dim, dtype=torch.float32) / dim)
 
 
+@lru_cache(maxsize=16)
+def frequencies_on(dim: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """``rope_frequencies`` computed on the CPU (the reference's values) and copied to ``device`` once: a copy per
+    forward would make every denoising step wait for the GPU."""
+    return rope_frequencies(dim, max_period).to(device)
+
+
 def rotation_table(angles: torch.Tensor) -> torch.Tensor:
     """``(..., n)`` angles -> ``(..., 1, n, 2)``: the cosine and sine of each angle (the head axis broadcasts).
 
@@ -88,7 +95,7 @@ def rotation_table(angles: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=16)
 def _text_rope(length: int, head_dim: int, device: torch.device) -> torch.Tensor:
     positions = torch.arange(length, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, rope_frequencies(head_dim // 2, ROPE_MAX_PERIOD).to(device))
+    angles = torch.outer(positions, frequencies_on(head_dim // 2, ROPE_MAX_PERIOD, device))
     return rotation_table(angles).unsqueeze(0)  # (1, L, 1, D/2, 2)
 
 
@@ -104,7 +111,7 @@ def _visual_rope(
     per_axis = []
     for size, dim, scale in zip(grid, axes_dims, scale_factor, strict=True):
         positions = torch.arange(size, dtype=torch.float32, device=device)
-        per_axis.append(torch.outer(positions, rope_frequencies(dim // 2, ROPE_MAX_PERIOD).to(device)) / scale)
+        per_axis.append(torch.outer(positions, frequencies_on(dim // 2, ROPE_MAX_PERIOD, device)) / scale)
     t, h, w = grid
     angles = torch.cat(
         [
@@ -157,7 +164,7 @@ class TimeEmbeddings(nn.Module):
         self.out_layer = nn.Linear(time_dim, time_dim, bias=True)
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
-        freqs = rope_frequencies(self.model_dim // 2, TIME_MAX_PERIOD).to(time.device)
+        freqs = frequencies_on(self.model_dim // 2, TIME_MAX_PERIOD, time.device)
         args = torch.outer(time.to(torch.float32), freqs)
         embed = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.out_layer(self.activation(self.in_layer(embed)))
