@@ -41,8 +41,11 @@ def dit_inputs(model, grid=(3, 8, 12), text_len=7, batch=2, dtype=torch.bfloat16
 @torch.no_grad()
 def test_bf16_forward_close_to_reference(variant):
     ref, ours = make_pair()
-    ref.to(CUDA, torch.bfloat16)
-    ours.to(CUDA, torch.bfloat16)
+    ref.to(CUDA)  # its buffers (RoPE frequencies); the parameters are replaced below
+    ours.to_dtype(torch.bfloat16).to(CUDA)
+    ours_params = dict(ours.named_parameters())
+    for name, param in ref.named_parameters():  # the same tensors, float32 islands included (as from_pretrained)
+        param.data = ours_params[name].data.clone()
     inputs = dit_inputs(ours)
     expected = ref(**inputs).sample
     if "fused" in variant:
