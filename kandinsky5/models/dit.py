@@ -266,13 +266,18 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Query from ``x``; key and value from ``context`` (``None``: self-attention on ``x``)."""
+        # Slices of a fused output are strided views. Query and key are copied by their norms anyway; the value
+        # goes to the attention kernel as it is, so it is made contiguous, as the unfused layer gives it (kernels
+        # such as cuDNN's put conditions on the strides they accept).
         if self.fused == QKV_PROJECTIONS:
             if context is not None:
                 raise ValueError("fused query/key/value projections serve self-attention only")
-            return self.fused_projection(x).chunk(3, dim=-1)
+            query, key, value = self.fused_projection(x).chunk(3, dim=-1)
+            return query, key, value.contiguous()
         context = x if context is None else context
         if self.fused == KV_PROJECTIONS:
-            return (self.to_query(x), *self.fused_projection(context).chunk(2, dim=-1))
+            key, value = self.fused_projection(context).chunk(2, dim=-1)
+            return self.to_query(x), key, value.contiguous()
         return self.to_query(x), self.to_key(context), self.to_value(context)
 
     def forward(
