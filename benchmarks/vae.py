@@ -2,28 +2,77 @@
 
     python benchmarks/vae.py                      # 121 frames at 512x768, bf16, on the GPU
     python benchmarks/vae.py --height 768 --width 1280
-    python benchmarks/vae.py --smoke              # tiny VAE on the CPU: checks the script only
+    python benchmarks/vae.py --smoke              # tiny VAE on the CPU in float32: checks the script only
 
 Rows: diffusers with spatial tiling off (its default) and on; ours by default (spatial tiles only if memory is
-short), with channels-last 3D activations, and with tiling forced on. Each of ours is compared (relative L2) with
-the diffusers decode that takes the same path: untiled with untiled, tiled with tiled. Writes
-``benchmarks/results/vae-decode-<HxWxF>.json``.
+short: the row says which path the automatic policy took), with tiling forced on, and with channels-last 3D
+activations. Columns: mean seconds, peak memory and peak above what was allocated before the row (the decode's own
+activations; compare with the automatic policy's estimate), relative L2 against the diffusers decode taking the same
+path (untiled with untiled, tiled with tiled) and against diffusers' default (untiled).
+
+Also reported: the automatic tiling estimate next to the free memory it was compared with, and a layout audit of
+one short channels-last decode: per operator kind, how many 5D inputs and outputs were channels-last (an operator
+that returns the default layout costs the next convolution a conversion copy).
+Writes ``benchmarks/results/vae-decode-<HxWxF>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from forward import VAE_SPATIAL, VAE_TEMPORAL  # noqa: E402
 from pipeline import build_vae_pair  # noqa: E402
 
+from kandinsky5.models.vae import (  # noqa: E402
+    AUTO_TILING_HEADROOM,
+    CausalFrameAttention,
+    CausalUpsample,
+)
+
 LATENT_CHANNELS = 16
+GIB = 2**30
+# The layout audit decodes this many latent frames (one chunk, no frame-wise tiles): every operator kind runs.
+AUDIT_LATENT_FRAMES = 2
+AUDITED_MODULES = (nn.Conv3d, nn.GroupNorm, nn.SiLU, CausalUpsample, CausalFrameAttention)
+
+
+def allocated_gib(device: torch.device) -> float | None:
+    return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
+@torch.no_grad()
+def layout_audit(vae: nn.Module, latents: torch.Tensor) -> dict[str, dict[str, int]]:
+    """Per operator kind, over one decode of ``latents``: calls, and how many 5D inputs and outputs were
+    channels-last (a Conv3d's input is the padded activation)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"calls": 0, "channels_last_in": 0, "channels_last_out": 0})
+
+    def record(module, args, output):
+        row = counts[type(module).__name__]
+        if args[0].dim() != 5:  # the attention's GroupNorm sees (B, C, tokens)
+            return
+        row["calls"] += 1
+        row["channels_last_in"] += is_channels_last(args[0])
+        row["channels_last_out"] += is_channels_last(output)
+
+    handles = [m.register_forward_hook(record) for m in vae.modules() if isinstance(m, AUDITED_MODULES)]
+    try:
+        vae.decode(latents)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(counts)
 
 
 def main(argv=None) -> int:
@@ -42,26 +91,47 @@ def main(argv=None) -> int:
 
     def measure(label, vae, compare_with=None):
         common.reset_peak_memory(device)
+        before = allocated_gib(device)
         with torch.no_grad():
             seconds, out = common.timed(lambda: vae.decode(latents).sample, device, args.repeats)
-        rows[label] = {"seconds": seconds, "peak_memory_gib": common.peak_memory_gib(device)}
+        peak = common.peak_memory_gib(device)
+        rows[label] = {
+            "seconds": seconds,
+            "peak_memory_gib": peak,
+            "peak_above_start_gib": None if peak is None else peak - before,
+        }
         if compare_with is not None:
             rows[label]["compared_with"] = compare_with
             rows[label]["relative_l2"] = common.relative_l2(out, outputs[compare_with])
+            rows[label]["relative_l2_vs_diffusers"] = common.relative_l2(out, outputs["diffusers"])
         outputs[label] = out
 
     measure("diffusers", reference)
     reference.enable_tiling()
     measure("diffusers tiled", reference)
-    measure("kandinsky5", ours, "diffusers")
-    rows["kandinsky5"]["tiled"] = ours.tiling_needed(latents)
+    reference.disable_tiling()
+
+    # ours by default: the automatic policy decides per call
+    tiled = ours.tiling_needed(latents)
+    free = ours.free_memory(latents.device)
+    estimate = ours.untiled_decode_peak_bytes(latents)
+    measure("kandinsky5", ours, "diffusers tiled" if tiled else "diffusers")
+    rows["kandinsky5"]["tiled"] = tiled
+    auto_tiling = {
+        "estimated_peak_gib": estimate / GIB,
+        "threshold_gib": estimate * AUTO_TILING_HEADROOM / GIB,
+        "free_gib": None if free is None else free / GIB,
+        "tiled": tiled,
+    }
     # the decode under a forced spatial tiling, as diffusers' enable_tiling()
     ours.enable_tiling()
     measure("kandinsky5 tiled", ours, "diffusers tiled")
-    ours.disable_tiling()
     ours.enable_auto_tiling()
     ours.to(memory_format=torch.channels_last_3d)
-    measure("kandinsky5 channels-last", ours, "diffusers")
+    tiled = ours.tiling_needed(latents)
+    measure("kandinsky5 channels-last", ours, "diffusers tiled" if tiled else "diffusers")
+    rows["kandinsky5 channels-last"]["tiled"] = tiled
+    layout = layout_audit(ours, latents[:, :, :AUDIT_LATENT_FRAMES])
 
     result = {
         **common.environment(),
@@ -70,13 +140,31 @@ def main(argv=None) -> int:
         "dtype": str(dtype),
         "repeats": args.repeats,
         "results": rows,
+        "auto_tiling": auto_tiling,
+        "channels_last_layout": layout,
     }
     print(f"VAE decode {args.height}x{args.width}x{args.frames}, {dtype}")
-    print(f"{'':26} {'s':>8} {'peak GiB':>9} {'rel L2':>9}  compared with")
+    print(f"{'':26} {'s':>8} {'peak GiB':>9} {'rel L2':>9} {'+GiB':>6} {'vs untiled':>10}  compared with")
     for label, row in rows.items():
         peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
+        above = "-" if row["peak_above_start_gib"] is None else f"{row['peak_above_start_gib']:.1f}"
         l2 = f"{row['relative_l2']:.1e}" if "relative_l2" in row else "-"
-        print(f"{label:26} {row['seconds']:8.2f} {peak:>9} {l2:>9}  {row.get('compared_with', '')}")
+        l2_untiled = f"{row['relative_l2_vs_diffusers']:.1e}" if "relative_l2_vs_diffusers" in row else "-"
+        path = "" if "tiled" not in row else (" (auto: tiled)" if row["tiled"] else " (auto: untiled)")
+        print(
+            f"{label:26} {row['seconds']:8.2f} {peak:>9} {l2:>9} {above:>6} {l2_untiled:>10}  "
+            f"{row.get('compared_with', '')}{path}"
+        )
+    free_text = "unknown (never tiles)" if free is None else f"{auto_tiling['free_gib']:.1f} GiB free"
+    print(
+        f"auto tiling: estimated untiled peak {auto_tiling['estimated_peak_gib']:.2f} GiB "
+        f"(x{AUTO_TILING_HEADROOM} = {auto_tiling['threshold_gib']:.2f}) vs {free_text}"
+    )
+    for kind, count in layout.items():
+        print(
+            f"layout (channels-last run) {kind:22} {count['calls']:4} calls, channels-last in "
+            f"{count['channels_last_in']:4}, out {count['channels_last_out']:4}"
+        )
     path = common.save_results(f"vae-decode-{args.height}x{args.width}x{args.frames}", result, args.smoke)
     if path:
         print(f"saved {path}")

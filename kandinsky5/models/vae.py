@@ -60,8 +60,10 @@ TILE_SAMPLE_STRIDE_NUM_FRAMES = 12
 REFERENCE_DECODE_PEAK_BYTES = 21.5 * 2**30
 REFERENCE_DECODE_VALUES = 17 * 512 * 768 * 128  # frames x height x width x channels of the last decoder stage
 REFERENCE_DECODE_ITEMSIZE = 2  # bfloat16
-# Margin over the estimate (allocator fragmentation, the decoded video itself). Small, because the reference's
-# figure includes its (tokens x tokens) attention mask, which we do not build.
+# Margin over the estimate (allocator fragmentation, the decoded video itself). Small, because the figure is a
+# measured peak of the same convolutions. (The reference's (tokens x tokens) attention mask, which we do not build,
+# lives only in the mid block at latent resolution, far below the full-resolution stages where the peak lies: it is
+# no part of the figure and no saving to subtract.)
 AUTO_TILING_HEADROOM = 1.05
 
 
@@ -253,8 +255,10 @@ class CausalUpsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = F.interpolate(x[:, :, 0], scale_factor=self.factor[1:], mode="nearest").unsqueeze(2)
         if x.shape[2] > 1:
-            # F.interpolate used to give wrong results on non-contiguous input (pytorch#81665)
-            rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
+            # F.interpolate used to give wrong results on non-contiguous input (pytorch#81665); made contiguous in
+            # the weights' layout, so a channels-last VAE stays channels-last here
+            rest = x[:, :, 1:].contiguous(memory_format=weight_memory_format(self.conv.conv))
+            rest = F.interpolate(rest, scale_factor=self.factor, mode="nearest")
             x = torch.cat((first, rest), dim=2)
         else:
             x = first
@@ -463,7 +467,14 @@ def tile_spatially(
 
 def estimate_decode_peak_bytes(frames: int, height: int, width: int, channels: int, itemsize: int) -> int:
     """Peak activation bytes of decoding ``frames`` sample frames of ``height`` x ``width`` pixels in one piece
-    (no spatial tiles), for a decoder whose full-resolution stage has ``channels`` channels."""
+    (no spatial tiles), for a decoder whose full-resolution stage has ``channels`` channels:
+
+        peak = 21.5 GiB * (frames * height * width * channels) / (17 * 512 * 768 * 128) * itemsize / 2
+
+    The peak lies in the full-resolution stages, whose every tensor has ``frames * height * width`` voxels times a
+    channel count proportional to ``channels``; the constant is the reference's measured peak above the weights
+    (bf16, one 17-frame chunk at 512x768, no tiles).
+    """
     values = frames * height * width * channels
     return int(REFERENCE_DECODE_PEAK_BYTES * values / REFERENCE_DECODE_VALUES * itemsize / REFERENCE_DECODE_ITEMSIZE)
 
@@ -486,7 +497,10 @@ class AutoencoderKLHunyuanVideo(ModelBase):
     (``enable_auto_tiling``); ``disable_tiling()`` turns that off too, as the reference behaves.
 
     ``vae.to(memory_format=torch.channels_last_3d)`` runs the convolutions on channels-last activations (the layout
-    cuDNN's bf16 3D convolutions prefer); the numbers stay those of the default layout up to summation order.
+    cuDNN's bf16 3D convolutions prefer); the numbers stay those of the default layout up to summation order. Off by
+    default until a GPU run shows it faster: our pad, upsampling and attention keep the layout, but a backend operator
+    that returns the default layout (CUDA's GroupNorm, in PyTorch versions without NHWC GroupNorm kernels) costs the
+    next convolution a conversion copy; ``benchmarks/vae.py`` reports each operator's layout on the GPU it runs on.
     """
 
     config_class = HunyuanVideoVAEConfig
@@ -568,6 +582,12 @@ class AutoencoderKLHunyuanVideo(ModelBase):
             return True
         if not self.use_auto_tiling:
             return False
+        available = self.free_memory(z.device)
+        return available is not None and self.untiled_decode_peak_bytes(z) * AUTO_TILING_HEADROOM > available
+
+    def untiled_decode_peak_bytes(self, z: torch.Tensor) -> int:
+        """Estimated peak activation bytes of decoding latents ``z`` without spatial tiles, in this VAE's dtype:
+        one temporal chunk at a time when the frame-wise path takes it, one batch element when slicing."""
         num_frames, height, width = z.shape[2:]
         if self.use_framewise_decoding and num_frames > self._tile_latent_min_num_frames:
             num_frames = self._tile_latent_min_num_frames + 1  # one temporal chunk at a time
@@ -575,11 +595,9 @@ class AutoencoderKLHunyuanVideo(ModelBase):
         sample_frames = (num_frames - 1) * self.temporal_compression_ratio + 1
         batch = 1 if self.use_slicing else z.shape[0]
         itemsize = self.decoder.conv_out.conv.weight.element_size()
-        peak = batch * estimate_decode_peak_bytes(
+        return batch * estimate_decode_peak_bytes(
             sample_frames, height * ratio, width * ratio, self.config.block_out_channels[0], itemsize
         )
-        available = self.free_memory(z.device)
-        return available is not None and peak * AUTO_TILING_HEADROOM > available
 
     def enable_slicing(self) -> None:
         self.use_slicing = True
