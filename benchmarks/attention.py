@@ -225,9 +225,7 @@ def main(argv=None) -> int:
         "flex_vs_masked_sdpa_max_abs_error": check_error,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-    path = common.save_results(f"attention-{slug}", result, args.smoke)
-    if path:
-        print(f"saved {path}")
+    common.save_results(f"attention-{slug}", result, args.smoke)
     return 0
 
 

@@ -123,13 +123,20 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def save_results(name: str, payload: dict, smoke: bool) -> Path | None:
-    """Write ``benchmarks/results/<name>.json`` (smoke runs are printed only)."""
+    """Write ``benchmarks/results/<name>.json`` and say where (smoke runs are printed only)."""
     if smoke:
         return None
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"saved {path}")
     return path
+
+
+def cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
+    """``row[key]`` formatted with ``spec`` for a results table, or "-" where it is missing or None."""
+    value = row.get(key)
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def add_run_arguments(parser, *, height: int = 512, width: int = 768, frames: int = 121) -> None:

@@ -159,16 +159,14 @@ def main(argv=None) -> int:
     print(f"{name} forward {args.height}x{args.width}x{args.frames} ({visual_tokens} tokens), {dtype}")
     print(f"{'':26} {'s/forward':>10} {'1st call s':>10} {'peak GiB':>9} {'roofline':>9} {'speed-up':>9} {'rel L2':>9}")
     for label, row in rows.items():
-        peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
-        speedup = f"{row['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in row else "-"
-        l2 = f"{row['relative_l2_vs_diffusers']:.1e}" if "relative_l2_vs_diffusers" in row else "-"
+        peak = common.cell(row, "peak_memory_gib", ".1f")
+        speedup = common.cell(row, "speedup_vs_diffusers", ".2f", "x")
+        l2 = common.cell(row, "relative_l2_vs_diffusers", ".1e")
         print(
             f"{label:26} {row['seconds_per_forward']:10.3f} {row['first_call_seconds']:10.2f} {peak:>9} "
             f"{row['roofline_fraction']:9.2f} {speedup:>9} {l2:>9}"
         )
-    path = common.save_results(f"forward-{name}-{args.height}x{args.width}x{args.frames}", result, args.smoke)
-    if path:
-        print(f"saved {path}")
+    common.save_results(f"forward-{name}-{args.height}x{args.width}x{args.frames}", result, args.smoke)
     return 0
 
 

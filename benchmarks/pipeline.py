@@ -241,9 +241,9 @@ def main(argv=None) -> int:
     )
     print(f"{'':12} {'total s':>9} {'s/step':>8} {'peak GiB':>9} {'roofline':>9}")
     for label, row in rows.items():
-        peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
-        per_step = "-" if row["seconds_per_step"] is None else f"{row['seconds_per_step']:.3f}"
-        roofline = f"{row['step_roofline_fraction']:.2f}" if "step_roofline_fraction" in row else "-"
+        peak = common.cell(row, "peak_memory_gib", ".1f")
+        per_step = common.cell(row, "seconds_per_step", ".3f")
+        roofline = common.cell(row, "step_roofline_fraction", ".2f")
         print(f"{label:12} {row['end_to_end_seconds']:9.2f} {per_step:>8} {peak:>9} {roofline:>9}")
     for label, row in decode.items():
         print(f"VAE decode {label}: {row['seconds']:.2f} s")
@@ -257,9 +257,7 @@ def main(argv=None) -> int:
     }
     suffix = "".join(f"-{option}" for option, on in options.items() if on)
     tag = f"pipeline-{name}-{args.height}x{args.width}x{args.frames}-{args.steps}steps{suffix}"
-    path = common.save_results(tag, result, args.smoke)
-    if path:
-        print(f"saved {path}")
+    common.save_results(tag, result, args.smoke)
     return 0
 
 

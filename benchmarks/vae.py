@@ -146,10 +146,10 @@ def main(argv=None) -> int:
     print(f"VAE decode {args.height}x{args.width}x{args.frames}, {dtype}")
     print(f"{'':26} {'s':>8} {'peak GiB':>9} {'rel L2':>9} {'+GiB':>6} {'vs untiled':>10}  compared with")
     for label, row in rows.items():
-        peak = "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.1f}"
-        above = "-" if row["peak_above_start_gib"] is None else f"{row['peak_above_start_gib']:.1f}"
-        l2 = f"{row['relative_l2']:.1e}" if "relative_l2" in row else "-"
-        l2_untiled = f"{row['relative_l2_vs_diffusers']:.1e}" if "relative_l2_vs_diffusers" in row else "-"
+        peak = common.cell(row, "peak_memory_gib", ".1f")
+        above = common.cell(row, "peak_above_start_gib", ".1f")
+        l2 = common.cell(row, "relative_l2", ".1e")
+        l2_untiled = common.cell(row, "relative_l2_vs_diffusers", ".1e")
         path = "" if "tiled" not in row else (" (auto: tiled)" if row["tiled"] else " (auto: untiled)")
         print(
             f"{label:26} {row['seconds']:8.2f} {peak:>9} {l2:>9} {above:>6} {l2_untiled:>10}  "
@@ -165,9 +165,7 @@ def main(argv=None) -> int:
             f"layout (channels-last run) {kind:22} {count['calls']:4} calls, channels-last in "
             f"{count['channels_last_in']:4}, out {count['channels_last_out']:4}"
         )
-    path = common.save_results(f"vae-decode-{args.height}x{args.width}x{args.frames}", result, args.smoke)
-    if path:
-        print(f"saved {path}")
+    common.save_results(f"vae-decode-{args.height}x{args.width}x{args.frames}", result, args.smoke)
     return 0
 
 
