@@ -120,13 +120,19 @@ def test_nabla_checkpoint_frames_equal(reference_nabla_checkpoint):
     assert np.abs(got - expected).max() <= FRAME_TOLERANCE
 
 
-def test_frames_equal_with_framewise_vae_decode(our_pipeline, reference_checkpoint):
-    """25 frames = 7 latent frames: the VAE decodes in overlapping time chunks (the reference's default)."""
+@pytest.mark.parametrize(
+    "height,width,num_frames",
+    [(64, 64, 25), (32, 32, 241)],
+    ids=["framewise-25", "10s-241"],
+)
+def test_frames_equal_through_the_framewise_vae_decode(our_pipeline, reference_checkpoint, height, width, num_frames):
+    """25 frames = 7 latent frames and 241 frames (a 10 s video) = 61 latent frames: the VAE decodes in overlapping
+    time chunks (the reference's default; 20 of them at 241 frames)."""
     _, ref = reference_checkpoint
-    kwargs = dict(height=64, width=64, num_frames=25, num_inference_steps=2)
+    kwargs = dict(height=height, width=width, num_frames=num_frames, num_inference_steps=2)
     expected = run(ref, **kwargs)
     got = run(our_pipeline, **kwargs)
-    assert got.shape == (1, 25, 64, 64, 3)
+    assert got.shape == (1, num_frames, height, width, 3)
     assert np.abs(got - expected).max() <= FRAME_TOLERANCE
 
 
@@ -156,16 +162,6 @@ def test_latents_equal_in_both_rope_scale_classes(our_pipeline, reference_checkp
     got = run(our_pipeline, **kwargs)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= FRAME_TOLERANCE
-
-
-def test_frames_equal_at_241_frames(our_pipeline, reference_checkpoint):
-    """A 10 s video: 61 latent frames, decoded in 20 overlapping time chunks."""
-    _, ref = reference_checkpoint
-    kwargs = dict(height=32, width=32, num_frames=241, num_inference_steps=2)
-    expected = run(ref, **kwargs)
-    got = run(our_pipeline, **kwargs)
-    assert got.shape == (1, 241, 32, 32, 3)
-    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
 
 
 def test_nabla_ten_second_latents_equal(reference_nabla_checkpoint, monkeypatch):
