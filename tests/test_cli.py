@@ -20,6 +20,8 @@ def tiny_checkpoint(tmp_path_factory):
     return folder
 
 
+# 64x96 pixels, 9 frames, 2 steps: big enough to read the video back meaningfully
+VIDEO_64x96x9 = ["--height", "64", "--width", "96", "--frames", "9", "--steps", "2", "--no-progress"]
 TINY_RUN = ["--height", "32", "--width", "48", "--frames", "5", "--no-progress"]
 
 
@@ -45,17 +47,9 @@ def test_generate_writes_the_asked_video(tiny_checkpoint, tmp_path, capsys):
             str(tiny_checkpoint),
             "--out",
             str(out),
-            "--height",
-            "64",
-            "--width",
-            "96",
-            "--frames",
-            "9",
+            *VIDEO_64x96x9,
             "--fps",
             "12",
-            "--steps",
-            "2",
-            "--no-progress",
         ]
     )
     assert code == 0
@@ -349,17 +343,9 @@ def test_image_to_video_first_frame_carries_the_image(tmp_path):
                 str(image_path),
                 "--out",
                 str(out),
-                "--height",
-                "64",
-                "--width",
-                "96",
-                "--frames",
-                "9",
-                "--steps",
-                "2",
+                *VIDEO_64x96x9,
                 "--seed",
                 "0",
-                "--no-progress",
             ]
         )
         assert code == 0
