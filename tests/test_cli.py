@@ -9,6 +9,7 @@ import av
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from kandinsky5.cli.main import frames_for_seconds, main
 
@@ -404,3 +405,43 @@ def test_attention_backend_and_compile_options_reach_the_model(tiny_checkpoint, 
     code = generate_tiny(tiny_checkpoint, out, "--steps", "1", "--attention-backend", "math", "--compile")
     assert code == 0 and out.is_file()
     assert seen == {"backend": "math", "compile": True}
+
+
+def test_unknown_vae_tiling_mode_is_refused_by_the_parser(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import kandinsky5.pipelines.base as base
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(base.Kandinsky5PipelineBase, "from_pretrained", classmethod(forbidden))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "v.mp4"), "--vae-tiling", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--vae-tiling" in err and "auto" in err and "off" in err
+
+
+@pytest.mark.parametrize("tiling", ["on", "off", "auto"])
+def test_speed_options_reach_the_models(tiny_checkpoint, tmp_path, monkeypatch, tiling):
+    """--fuse-qkv, --vae-channels-last and --vae-tiling set the pipeline up as the Python API does."""
+    from kandinsky5.pipelines.base import Kandinsky5PipelineBase
+
+    pipes = []
+    load = Kandinsky5PipelineBase.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        pipes.append(load(cls, *args, **kwargs))
+        return pipes[-1]
+
+    monkeypatch.setattr(Kandinsky5PipelineBase, "from_pretrained", classmethod(recording))
+    out = tmp_path / "v.mp4"
+    options = ["--steps", "1", "--fuse-qkv", "--vae-channels-last", "--vae-tiling", tiling]
+    assert generate_tiny(tiny_checkpoint, out, *options) == 0 and out.is_file()
+    (pipe,) = pipes
+    assert pipe.transformer.visual_transformer_blocks[0].self_attention.fused == ("to_query", "to_key", "to_value")
+    weight = pipe.vae.decoder.conv_in.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    if tiling == "on":
+        assert pipe.vae.use_tiling  # forced tiles, whatever the automatic policy says
+    else:
+        assert (pipe.vae.use_tiling, pipe.vae.use_auto_tiling) == (False, tiling == "auto")

@@ -445,3 +445,9 @@ def test_decode_peak_estimate_reproduces_the_reference_figure():
     # float32 doubles it; 1024x1024 needs 8/3 of it
     assert estimate_decode_peak_bytes(17, 512, 768, 128, 4) == 2 * REFERENCE_DECODE_PEAK_BYTES
     assert estimate_decode_peak_bytes(17, 1024, 1024, 128, 2) == int(REFERENCE_DECODE_PEAK_BYTES * 8 / 3)
+
+
+def test_auto_tiling_names_a_bad_free_memory_source():
+    _, ours = build_pair()
+    with pytest.raises(TypeError, match="free_memory"):
+        ours.enable_auto_tiling(2**30)

@@ -18,6 +18,7 @@ from kandinsky5.variants import VARIANTS, Task, Variant
 SUBCOMMANDS = ("generate", "models", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_MODES = ("none", "model", "sequential")
+VAE_TILING_MODES = ("auto", "on", "off")
 # size-check parameters -> the options that set them
 OPTION_OF_PARAMETER = {"height": "--height", "width": "--width", "num_frames": "--frames"}
 
@@ -91,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--attention-backend", default=None, help="auto, sdpa, cudnn, flash, efficient, math, flex")
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (regional)")
+    gen.add_argument(
+        "--fuse-qkv", action="store_true", help="fuse the attention projections (pipe.fuse_qkv_projections())"
+    )
+    gen.add_argument(
+        "--vae-tiling",
+        choices=VAE_TILING_MODES,
+        default="auto",
+        help="spatial tiles in the VAE decode: auto (only when GPU memory is short; default), on, off",
+    )
+    gen.add_argument(
+        "--vae-channels-last", action="store_true", help="run the VAE's convolutions on channels-last activations"
+    )
 
     sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
 
@@ -244,6 +257,15 @@ def cmd_generate(args) -> int:
     pipeline_class = kandinsky5.Kandinsky5I2VPipeline if image_to_video else kandinsky5.Kandinsky5T2VPipeline
     start = time.perf_counter()
     pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype)
+    # layout transforms first: offloading then arms its hooks on the final layers
+    if args.fuse_qkv:
+        pipe.fuse_qkv_projections()
+    if args.vae_channels_last:
+        pipe.vae.to(memory_format=torch.channels_last_3d)
+    if args.vae_tiling == "on":
+        pipe.vae.enable_tiling()
+    elif args.vae_tiling == "off":
+        pipe.vae.disable_tiling()
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif args.offload == "sequential":

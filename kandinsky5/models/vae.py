@@ -572,6 +572,10 @@ class AutoencoderKLHunyuanVideo(ModelBase):
         has left. Untiled decodes equal the reference's default (tiling off); tiled ones its ``enable_tiling()``.
         ``free_memory(device)`` (bytes, or None for "unknown: don't tile") defaults to ``device_free_bytes``.
         """
+        if free_memory is not None and not callable(free_memory):
+            raise TypeError(
+                f"free_memory: expected a function of a torch.device returning bytes (or None), got {free_memory!r}"
+            )
         self.use_tiling = False
         self.use_auto_tiling = True
         self.free_memory = free_memory or device_free_bytes
