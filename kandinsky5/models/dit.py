@@ -227,10 +227,17 @@ class Attention(nn.Module):
         self.query_norm = nn.RMSNorm(head_dim)
         self.key_norm = nn.RMSNorm(head_dim)
         self.out_layer = nn.Linear(num_channels, num_channels, bias=True)
-        self.fused: tuple[str, ...] = ()  # names of the projections merged into FUSED_PROJECTION
         self.register_module(FUSED_PROJECTION, None)
         self.register_load_state_dict_pre_hook(_join_fused_tensors)
         self.register_state_dict_post_hook(_split_fused_tensors)
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """The names of the projections merged into ``FUSED_PROJECTION`` (read from its width), or ``()``."""
+        layer = getattr(self, FUSED_PROJECTION)
+        if layer is None:
+            return ()
+        return QKV_PROJECTIONS if layer.out_features == len(QKV_PROJECTIONS) * layer.in_features else KV_PROJECTIONS
 
     def fuse_projections(self, names: tuple[str, ...]) -> None:
         """Merge the linear layers ``names`` (``QKV_PROJECTIONS`` or ``KV_PROJECTIONS``) into one, in place."""
@@ -247,22 +254,19 @@ class Attention(nn.Module):
         setattr(self, FUSED_PROJECTION, fused)
         for name in names:
             setattr(self, name, None)
-        self.fused = names
 
     def unfuse_projections(self) -> None:
         """Undo ``fuse_projections``: separate linear layers holding slices of the fused weights."""
         fused = getattr(self, FUSED_PROJECTION)
         if fused is None:
             return
-        for name, weight, bias in zip(
-            self.fused, fused.weight.chunk(len(self.fused)), fused.bias.chunk(len(self.fused)), strict=True
-        ):
+        names = self.fused
+        for name, weight, bias in zip(names, fused.weight.chunk(len(names)), fused.bias.chunk(len(names)), strict=True):
             layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
             layer.weight = nn.Parameter(weight.clone(), requires_grad=weight.requires_grad)
             layer.bias = nn.Parameter(bias.clone(), requires_grad=bias.requires_grad)
             setattr(self, name, layer)
         setattr(self, FUSED_PROJECTION, None)
-        self.fused = ()
 
     def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Query from ``x``; key and value from ``context`` (``None``: self-attention on ``x``)."""
