@@ -27,8 +27,12 @@ def test_forward_benchmark_smoke(capsys):
     l2 = relative_l2_column(capsys.readouterr().out)
     assert set(l2) == {f"kandinsky5 {v}" for v in forward.VARIANTS}
     assert l2["kandinsky5 eager"] == 0.0
-    # float32: fusing and compiling change only the summation order
-    assert max(l2.values()) <= 1e-6
+    # float32: fusing changes only the matrix multiply's summation order
+    assert l2["kandinsky5 fused"] <= 1e-6
+    # inductor reorders float32 sums too, and the bf16 rounding of rotated queries and keys can turn a last-bit
+    # difference into one bf16 step (tests/test_compile.py's INDUCTOR_TOLERANCE); 2.4e-6 was seen in a fresh
+    # environment, 8.8e-8 in a warm one
+    assert max(l2["kandinsky5 compiled"], l2["kandinsky5 fused+compiled"]) <= 1e-4
 
 
 def test_pipeline_benchmark_smoke(capsys):
