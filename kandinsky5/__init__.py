@@ -6,16 +6,20 @@ Names are imported on first use, so ``import kandinsky5`` (and the CLI's start) 
 
 import importlib
 
+from kandinsky5.pipelines.registry import PIPELINE_MODULES
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Kandinsky5T2VPipeline": "kandinsky5.pipelines.t2v",
-    "Kandinsky5I2VPipeline": "kandinsky5.pipelines.i2v",
-    "Kandinsky5Pipeline": "kandinsky5.pipelines.auto",
+    **PIPELINE_MODULES,
     "Kandinsky5Transformer3DModel": "kandinsky5.models.dit",
     "AutoencoderKLHunyuanVideo": "kandinsky5.models.vae",
     "FlowMatchEulerDiscreteScheduler": "kandinsky5.sampling.scheduler",
     "KandinskyPipelineOutput": "kandinsky5.pipelines.output",
+    "GenerationRequest": "kandinsky5.pipelines.request",
+    "RunControl": "kandinsky5.sampling.control",
+    "ProgressEvent": "kandinsky5.sampling.control",
+    "GenerationCancelled": "kandinsky5.sampling.control",
     "export_to_video": "kandinsky5.io",
     "load_image": "kandinsky5.io",
 }

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from kandinsky5.pipelines.registry import I2V_PIPELINE, T2V_PIPELINE
 from kandinsky5.resolutions import RESOLUTION_512, RESOLUTION_1024, ResolutionClass, Size, warn_if_untrained
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ LITE_SIZE = Size(512, 768)
 PRO_SIZE = Size(768, 1280)  # the landscape 1024-class size with 768 rows
 # transformer config model_dim of each model size, to recognise a checkpoint folder by its configs
 MODEL_DIMS = {ModelSize.LITE: 1792, ModelSize.PRO: 4096}
-PIPELINE_CLASS_NAMES = {Task.TEXT_TO_VIDEO: "Kandinsky5T2VPipeline", Task.IMAGE_TO_VIDEO: "Kandinsky5I2VPipeline"}
+PIPELINE_CLASS_NAMES = {Task.TEXT_TO_VIDEO: T2V_PIPELINE, Task.IMAGE_TO_VIDEO: I2V_PIPELINE}
 
 HUB_OWNER = "kandinskylab"
 # The organisation that first published the same repositories (the hub redirects its ids).

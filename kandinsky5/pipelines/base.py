@@ -1,30 +1,40 @@
-"""What the text-to-video and image-to-video pipelines share: loading, prompt encoding, the sampling loop and
-decoding. A subclass overrides only the conditioning (:meth:`Kandinsky5PipelineBase.prepare_condition`)."""
+"""What the text-to-video and image-to-video pipelines share: loading, placement, prompt encoding, latents and
+decoding, and ``__call__`` as a few phases around the sampling loop (``kandinsky5/sampling/loop.py``).
+
+A call turns its arguments into one :class:`~kandinsky5.pipelines.request.GenerationRequest` (defaults filled and
+everything validated before any work), then runs the phases under a per-call
+:class:`~kandinsky5.sampling.control.RunControl` (progress, cancellation, previews). Nothing of a call is kept on
+the pipeline: the properties diffusers' callbacks read (``guidance_scale``, ``num_timesteps``) come from the call
+running in the current thread. A subclass overrides only the conditioning (:meth:`prepare_condition`,
+:meth:`finalize_latents`, ``num_frozen_latent_frames``).
+"""
 
 from __future__ import annotations
 
-import logging
+import copy
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from kandinsky5.attention.nabla import FRACTAL_TILE, sliding_window_block_mask
-from kandinsky5.loading.diffusers_format import (
-    CONFIG_FILE,
-    CheckpointError,
-    component_folder,
-    load_component,
-    read_json,
-)
 from kandinsky5.loading.hub import resolve_checkpoint
 from kandinsky5.models import text_encoders as te
-from kandinsky5.models.dit import Kandinsky5Transformer3DModel
-from kandinsky5.pipelines.auto import check_checkpoint_class
-from kandinsky5.pipelines.output import OUTPUT_TYPES, KandinskyPipelineOutput, postprocess_video
-from kandinsky5.resolutions import SIZE_MULTIPLE, check_size, rope_scale_factor
+from kandinsky5.pipelines.adapters import ProgressBar, StepCallback
+from kandinsky5.pipelines.loading import check_component_names, load_components
+from kandinsky5.pipelines.output import KandinskyPipelineOutput, postprocess_video
+from kandinsky5.pipelines.registry import check_checkpoint_class
+from kandinsky5.pipelines.request import (
+    CALLBACK_TENSOR_INPUTS,
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    GenerationRequest,
+    ModelFacts,
+    check_reference_inputs,
+)
+from kandinsky5.resolutions import rope_scale_factor
 from kandinsky5.runtime.offload import (
     ModelCpuOffload,
     OffloadPlan,
@@ -33,16 +43,22 @@ from kandinsky5.runtime.offload import (
     offload_execution_device,
 )
 from kandinsky5.sampling import noise
-from kandinsky5.sampling.scheduler import FlowMatchEulerDiscreteScheduler
-from kandinsky5.variants import Variant, generation_defaults, variant_for_checkpoint
+from kandinsky5.sampling.control import Phase, RunControl
+from kandinsky5.sampling.guidance import NO_GUIDANCE_SCALE, Guidance, TextConditioning, make_guidance
+from kandinsky5.sampling.loop import denoise
+from kandinsky5.sampling.preview import LatentPreviewer
+from kandinsky5.variants import Variant, variant_for_checkpoint
 
-logger = logging.getLogger(__name__)
 
-DEFAULT_NEGATIVE_PROMPT = (
-    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
-    "walking backwards"
-)
-SCHEDULER_CONFIG = "scheduler_config.json"
+@dataclass(frozen=True)
+class RunningCall:
+    """What diffusers' callbacks may ask the pipeline about the call running in this thread."""
+
+    guidance_scale: float
+    num_timesteps: int
+
+
+_RUNNING_CALL: ContextVar[RunningCall | None] = ContextVar("kandinsky5_running_call", default=None)
 
 
 class Kandinsky5PipelineBase:
@@ -53,13 +69,7 @@ class Kandinsky5PipelineBase:
     # leading latent frames given as condition: the sampler never steps them (image-to-video: the image's frame)
     num_frozen_latent_frames: ClassVar[int] = 0
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
-    _callback_tensor_inputs: ClassVar[list[str]] = [
-        "latents",
-        "prompt_embeds_qwen",
-        "prompt_embeds_clip",
-        "negative_prompt_embeds_qwen",
-        "negative_prompt_embeds_clip",
-    ]
+    _callback_tensor_inputs: ClassVar[list[str]] = list(CALLBACK_TENSOR_INPUTS)
     prompt_template = te.VIDEO_PROMPT_TEMPLATE
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler):
@@ -79,8 +89,7 @@ class Kandinsky5PipelineBase:
         # Classifier-free guidance: condition and negative in one transformer call (True) or two (the reference).
         # Equal results; which is faster is for the GPU benchmark to tell (benchmarks/pipeline.py).
         self.batched_guidance = False
-        self._guidance_scale = 1.0
-        self._num_timesteps = 0
+        # diffusers' interrupt flag, set by step callbacks (``pipe._interrupt = True``): reset when a call starts
         self._interrupt = False
         # set by enable_model_cpu_offload / enable_sequential_cpu_offload
         self._offload_plan: OffloadPlan | None = None
@@ -105,43 +114,11 @@ class Kandinsky5PipelineBase:
 
         Components passed as keyword arguments (``transformer=...``) are used instead of loading them.
         """
-        from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
-
-        known = {"transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+        check_component_names(kwargs)
         root = resolve_checkpoint(pretrained_model_name_or_path, revision, cache_dir, local_files_only, token)
         check_checkpoint_class(root, cls)
         variant = variant_for_checkpoint(pretrained_model_name_or_path, root)
-        parts = dict(kwargs)
-        if "scheduler" not in parts:
-            scheduler_path = root / "scheduler" / SCHEDULER_CONFIG
-            if variant is not None and not scheduler_path.is_file():
-                logger.info("No %s; using %s's shift", scheduler_path, variant.short_name)
-                scheduler_config = {"shift": variant.scheduler_shift}
-            else:
-                scheduler_config = read_json(scheduler_path)
-            parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        if "transformer" not in parts:
-            parts["transformer"] = load_component(
-                Kandinsky5Transformer3DModel, component_folder(root, "transformer"), torch_dtype
-            )
-        if "vae" not in parts:
-            parts["vae"] = load_component(AutoencoderKLHunyuanVideo, component_folder(root, "vae"), torch_dtype)
-        for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
-            folder = component_folder(root, name)
-            if name.startswith("text_encoder") and not (folder / CONFIG_FILE).is_file():
-                raise CheckpointError(f"Missing file {folder / CONFIG_FILE}")
-        if "tokenizer" not in parts or "tokenizer_2" not in parts:
-            tokenizer, tokenizer_2 = te.load_tokenizers(root)
-            parts.setdefault("tokenizer", tokenizer)
-            parts.setdefault("tokenizer_2", tokenizer_2)
-        if "text_encoder" not in parts or "text_encoder_2" not in parts:
-            text_encoder, text_encoder_2 = te.load_text_encoders(root, torch_dtype)
-            parts.setdefault("text_encoder", text_encoder)
-            parts.setdefault("text_encoder_2", text_encoder_2)
-        pipe = cls(**parts)
+        pipe = cls(**load_components(root, variant, torch_dtype, kwargs))
         pipe.model_variant = variant
         return pipe
 
@@ -253,22 +230,21 @@ class Kandinsky5PipelineBase:
         """Options for the tqdm progress bar, e.g. ``disable=True``."""
         self._progress_bar_config = dict(kwargs)
 
-    def progress_bar(self, iterable=None, total=None):
-        return tqdm(iterable=iterable, total=total, **self._progress_bar_config)
-
-    # ------------------------------------------------------------------ properties of the running call
+    # ------------------------------------------------------------------ the running call (diffusers' properties)
 
     @property
     def guidance_scale(self) -> float:
-        return self._guidance_scale
+        call = _RUNNING_CALL.get()
+        return NO_GUIDANCE_SCALE if call is None else call.guidance_scale
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        return self.guidance_scale > NO_GUIDANCE_SCALE
 
     @property
     def num_timesteps(self) -> int:
-        return self._num_timesteps
+        call = _RUNNING_CALL.get()
+        return 0 if call is None else call.num_timesteps
 
     @property
     def interrupt(self) -> bool:
@@ -382,86 +358,15 @@ class Kandinsky5PipelineBase:
         callback_on_step_end_tensor_inputs=None,
         max_sequence_length=None,
     ) -> None:
-        """Raise ``ValueError`` naming the parameter for input the pipeline cannot use (the reference's checks)."""
-        if max_sequence_length is not None and not 1 <= max_sequence_length <= te.MAX_SEQUENCE_LENGTH_LIMIT:
-            raise ValueError(
-                f"max_sequence_length must be between 1 and {te.MAX_SEQUENCE_LENGTH_LIMIT}, got {max_sequence_length}"
-            )
-        if height % SIZE_MULTIPLE != 0 or width % SIZE_MULTIPLE != 0:
-            raise ValueError(
-                f"`height` and `width` have to be divisible by {SIZE_MULTIPLE} but are {height} and {width}."
-            )
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
-                    f"but found {unknown}"
-                )
-        for group, names in (
-            ((prompt_embeds_qwen, prompt_embeds_clip, prompt_cu_seqlens), "prompt"),
-            ((negative_prompt_embeds_qwen, negative_prompt_embeds_clip, negative_prompt_cu_seqlens), "negative_prompt"),
-        ):
-            if any(x is not None for x in group) and any(x is None for x in group):
-                raise ValueError(
-                    f"If any of `{names}_embeds_qwen`, `{names}_embeds_clip`, or `{names}_cu_seqlens` is provided, "
-                    "all three must be provided."
-                )
-        if prompt is None and prompt_embeds_qwen is None:
-            raise ValueError(
-                "Provide either `prompt` or `prompt_embeds_qwen` (and corresponding `prompt_embeds_clip` and "
-                "`prompt_cu_seqlens`). Cannot leave all undefined."
-            )
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if value is not None and not isinstance(value, str | list):
-                raise ValueError(f"`{name}` has to be of type `str` or `list` but is {type(value)}")
-            if isinstance(value, list) and not all(isinstance(p, str) for p in value):
-                raise ValueError(f"`{name}` must be a list of strings")
+        """Raise ``ValueError`` naming the parameter for input the pipeline cannot use (the reference's checks;
+        a call makes these and the rest through :class:`GenerationRequest`)."""
+        check_reference_inputs(**{k: v for k, v in locals().items() if k != "self"})
 
-    def _check_call_arguments(
-        self, num_frames, num_inference_steps, guidance_scale, num_videos_per_prompt, output_type, generator, latents
-    ) -> None:
-        """Checks beyond the reference's, made before any encoding or sampling."""
-        if not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"`num_frames` must be a positive integer (4k+1, e.g. 121), got {num_frames!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, int | float):
-            raise ValueError(f"`guidance_scale` must be a number, got {guidance_scale!r}")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"`num_videos_per_prompt` must be a positive integer, got {num_videos_per_prompt!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if generator is not None and not isinstance(generator, torch.Generator | list):
-            raise ValueError("`generator` must be a torch.Generator or a list of them")
-        if latents is not None and not isinstance(latents, torch.Tensor):
-            raise ValueError("`latents` must be a torch.Tensor")
-
-    def check_video_size(self, height: int, width: int, num_frames: int) -> None:
-        """``ValueError`` naming the parameter for a size this checkpoint cannot represent (see resolutions.py);
-        one warning for a size its variant was not trained at."""
-        config = self.transformer.config
-        check_size(
-            height,
-            width,
-            num_frames,
-            nabla=config.uses_nabla,
-            size_multiple=self.vae_scale_factor_spatial * config.patch_size[1],
-            temporal_compression=self.vae_scale_factor_temporal,
-        )
-        if self.model_variant is not None:
-            self.model_variant.warn_if_untrained(height, width)
+    def model_facts(self) -> ModelFacts:
+        """What validating a request needs to know of this pipeline's model."""
+        return ModelFacts.of_pipeline(self)
 
     # ------------------------------------------------------------------ latents and conditioning
-
-    def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int, channels: int):
-        return (
-            batch_size,
-            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
-            int(height) // self.vae_scale_factor_spatial,
-            int(width) // self.vae_scale_factor_spatial,
-            channels,
-        )
 
     def prepare_latents(
         self,
@@ -478,7 +383,13 @@ class Kandinsky5PipelineBase:
         """Initial latents ``(batch, T, H, W, C')`` channels-last: noise, then for ``visual_cond`` models zero
         condition channels and a zero mask channel. Given ``latents`` with only the noise channels get the
         condition channels appended; full-width ones are used as they are (copied, never modified)."""
-        shape = self.latent_shape(batch_size, height, width, num_frames, num_channels_latents)
+        shape = (
+            batch_size,
+            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            int(height) // self.vae_scale_factor_spatial,
+            int(width) // self.vae_scale_factor_spatial,
+            num_channels_latents,
+        )
         if latents is not None:
             latents = latents.to(device=device, dtype=dtype).clone()
             full = self.transformer.config.visual_input_dim
@@ -494,9 +405,19 @@ class Kandinsky5PipelineBase:
             latents = torch.cat([latents, condition, mask], dim=-1)
         return latents
 
-    def prepare_condition(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+    def prepare_condition(self, latents: torch.Tensor, request: GenerationRequest, control: RunControl) -> torch.Tensor:
         """Fill the conditioning channels of ``latents``; text-to-video has none."""
         return latents
+
+    def finalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampled latents ``(batch, T, H, W, C)`` before decoding (and as ``output_type="latent"``); kept as
+        they are here."""
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Channels-last latents ``(batch, T, H, W, C)`` -> decoded video ``(batch, 3, frames, H, W)`` in [-1, 1]."""
+        latents = latents.to(self.vae.dtype).permute(0, 4, 1, 2, 3)
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
 
     # ------------------------------------------------------------------ generation
 
@@ -523,226 +444,145 @@ class Kandinsky5PipelineBase:
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
-        **condition_kwargs,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        control: RunControl | None = None,
+        **condition,
     ):
         """Generate videos; returns an object whose ``.frames[i]`` is the i-th video (see ``output_type``).
 
         ``height``, ``width``, ``num_frames``, ``num_inference_steps`` and ``guidance_scale`` left as ``None`` take
         the checkpoint's recommended values (``self.model_variant``), or the reference's (512, 768, 121, 50, 5.0).
+        ``control`` (a :class:`~kandinsky5.sampling.control.RunControl`) receives progress events and previews
+        and can cancel the run. Everything is validated before any work.
         """
-        defaults = generation_defaults(self.model_variant)
-        height = defaults.height if height is None else height
-        width = defaults.width if width is None else width
-        num_frames = defaults.num_frames if num_frames is None else num_frames
-        num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
-        if hasattr(callback_on_step_end, "tensor_inputs"):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        num_videos_per_prompt = 1 if num_videos_per_prompt is None else num_videos_per_prompt
-        output_type = output_type or "pil"
-        self.check_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            height=height,
-            width=width,
-            prompt_embeds_qwen=prompt_embeds_qwen,
-            prompt_embeds_clip=prompt_embeds_clip,
-            negative_prompt_embeds_qwen=negative_prompt_embeds_qwen,
-            negative_prompt_embeds_clip=negative_prompt_embeds_clip,
-            prompt_cu_seqlens=prompt_cu_seqlens,
-            negative_prompt_cu_seqlens=negative_prompt_cu_seqlens,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-        )
-        self._check_call_arguments(
-            num_frames, num_inference_steps, guidance_scale, num_videos_per_prompt, output_type, generator, latents
-        )
-        if num_frames % self.vae_scale_factor_temporal != 1:
-            rounded = max(num_frames // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1, 1)
-            logger.warning(
-                "`num_frames - 1` has to be divisible by %d; using num_frames=%d instead of %d.",
-                self.vae_scale_factor_temporal,
-                rounded,
-                num_frames,
-            )
-            num_frames = rounded
-        self.check_video_size(height, width, num_frames)
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "control", "condition")}
+        request = GenerationRequest.build(self.model_facts(), **arguments, **condition)
+        return self._run(request, control or RunControl())
 
-        self._guidance_scale = guidance_scale
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, control: RunControl | None = None):
+        """Run a request built with :meth:`GenerationRequest.build` (the command line builds it before loading a
+        model; it is checked again against this pipeline's model)."""
+        request.check(self.model_facts())
+        return self._run(request, control or RunControl())
+
+    def _run(self, request: GenerationRequest, control: RunControl):
         self._interrupt = False
+        control.restart_clock()
+        progress_bar = ProgressBar(**self._progress_bar_config)
+        running = _RUNNING_CALL.set(RunningCall(request.guidance_scale, request.num_inference_steps))
+        control.add_listener(progress_bar)
+        try:
+            condition, negative = self.encode_text(request, control)
+            latents = self.initial_latents(request, control)
+            latents = self.sample(request, latents, condition, negative, control)
+            return self.output(request, latents, control)
+        finally:
+            control.remove_listener(progress_bar)
+            progress_bar.close()
+            _RUNNING_CALL.reset(running)
+            self.maybe_free_model_hooks()
+
+    def encode_text(
+        self, request: GenerationRequest, control: RunControl
+    ) -> tuple[TextConditioning, TextConditioning | None]:
+        """The prompt's text conditioning and, with guidance on, the negative prompt's (one row per video)."""
+        with control.phase(Phase.ENCODE_TEXT):
+            condition = self._text_conditioning(request, "prompt", request.prompt)
+            negative = None
+            if request.uses_guidance:
+                negative = self._text_conditioning(request, "negative_prompt", request.negative_prompts())
+        return condition, negative
+
+    def _text_conditioning(self, request: GenerationRequest, branch: str, prompts: list[str] | None):
         device = self._execution_device
-        dtype = self.transformer.dtype
-
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        batch_size = len(prompt) if prompt is not None else prompt_embeds_qwen.shape[0]
-        self.check_condition(batch_size, **condition_kwargs)
-        if prompt is not None and isinstance(negative_prompt, list) and len(negative_prompt) != len(prompt):
-            raise ValueError(
-                f"`negative_prompt` must have same length as `prompt`. Got {len(negative_prompt)} vs {len(prompt)}."
-            )
-
-        effective_batch = batch_size * num_videos_per_prompt
-        if isinstance(generator, list) and len(generator) not in (1, effective_batch):
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but the effective batch size "
-                f"(prompts x num_videos_per_prompt) is {effective_batch}; pass one generator or one per video."
-            )
-
-        # Text conditioning, each prompt repeated num_videos_per_prompt times.
-        if prompt_embeds_qwen is None:
-            prompt_embeds_qwen, prompt_embeds_clip, prompt_cu_seqlens = self.encode_prompt(
-                prompt, num_videos_per_prompt, max_sequence_length, device, dtype
+        given = request.embeddings(branch)
+        if given is None:
+            embeds = self.encode_prompt(
+                prompts, request.num_videos_per_prompt, request.max_sequence_length, device, self.transformer.dtype
             )
         else:
-            prompt_embeds_qwen, prompt_embeds_clip, prompt_cu_seqlens = fit_embeddings_to_batch(
-                prompt_embeds_qwen, prompt_embeds_clip, prompt_cu_seqlens, batch_size, num_videos_per_prompt
-            )
-        use_guidance = self.do_classifier_free_guidance
-        if use_guidance:
-            if negative_prompt_embeds_qwen is None:
-                negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-                if isinstance(negative_prompt, str):
-                    negative_prompt = [negative_prompt] * batch_size
-                negative_prompt_embeds_qwen, negative_prompt_embeds_clip, negative_prompt_cu_seqlens = (
-                    self.encode_prompt(negative_prompt, num_videos_per_prompt, max_sequence_length, device, dtype)
-                )
-            else:
-                negative_prompt_embeds_qwen, negative_prompt_embeds_clip, negative_prompt_cu_seqlens = (
-                    fit_embeddings_to_batch(
-                        negative_prompt_embeds_qwen,
-                        negative_prompt_embeds_clip,
-                        negative_prompt_cu_seqlens,
-                        batch_size,
-                        num_videos_per_prompt,
-                    )
-                )
+            embeds = repeat_embeddings(*given, request.num_videos // given[0].shape[0])
+        embeds_qwen, embeds_clip, cu_seqlens = embeds
+        return TextConditioning(embeds_qwen, embeds_clip, padding_mask(cu_seqlens, embeds_qwen.shape[1], device))
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-
-        num_channels = self.transformer.config.in_visual_dim
-        given_latents = latents  # the caller's tensor (or None), for the conditioning hook
+    def initial_latents(self, request: GenerationRequest, control: RunControl) -> torch.Tensor:
+        """Noise (or the caller's latents) with the conditioning channels filled."""
         latents = self.prepare_latents(
-            effective_batch, num_channels, height, width, num_frames, dtype, device, generator, latents
+            request.num_videos,
+            self.transformer.config.in_visual_dim,
+            request.height,
+            request.width,
+            request.num_frames,
+            self.transformer.dtype,
+            self._execution_device,
+            request.generator,
+            request.latents,
         )
-        latents = self.prepare_condition(
+        return self.prepare_condition(latents, request, control)
+
+    def sample(
+        self,
+        request: GenerationRequest,
+        latents: torch.Tensor,
+        condition: TextConditioning,
+        negative: TextConditioning | None,
+        control: RunControl,
+    ) -> torch.Tensor:
+        """The denoising loop with this request's guidance, step callback and previews; the sampled latents
+        (noise channels) after :meth:`finalize_latents`."""
+        # a copy per call: the timesteps are the call's, not the pipeline's
+        scheduler = copy.copy(self.scheduler)
+        scheduler.set_timesteps(request.num_inference_steps, device=self._execution_device)
+        guidance = self.make_guidance(request, latents, condition, negative, len(scheduler.timesteps))
+        on_step_end = None
+        if request.callback_on_step_end is not None:
+            tensor_inputs = request.callback_on_step_end_tensor_inputs
+            on_step_end = StepCallback(self, request.callback_on_step_end, tensor_inputs, control)
+        previewer = LatentPreviewer.from_vae(self.vae) if control.preview_every else None
+        noise_channels = self.transformer.config.in_visual_dim
+        latents = denoise(
             latents,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            generator=generator,
-            num_videos_per_prompt=num_videos_per_prompt,
-            given_latents=given_latents,
-            **condition_kwargs,
+            scheduler,
+            guidance,
+            control,
+            noise_channels=noise_channels,
+            frozen_frames=self.num_frozen_latent_frames,
+            on_step_end=on_step_end,
+            previewer=previewer,
         )
+        return self.finalize_latents(latents[..., :noise_channels])
 
-        scale_factor = self._get_scale_factor(height, width)
-        sparse_params = self.get_sparse_params(latents, device)
-        text_mask = padding_mask(prompt_cu_seqlens, prompt_embeds_qwen.shape[1], device)
-        negative_text_mask = (
-            padding_mask(negative_prompt_cu_seqlens, negative_prompt_embeds_qwen.shape[1], device)
-            if use_guidance
-            else None
-        )
+    def make_guidance(self, request, latents, condition, negative, num_steps: int) -> Guidance:
+        """The guidance mode of this call over a denoiser bound to its size, attention and dtype."""
+        dtype = self.transformer.dtype
+        scale_factor = self._get_scale_factor(request.height, request.width)
+        sparse_params = self.get_sparse_params(latents, latents.device)
 
-        def denoise(latents, embeds_qwen, embeds_clip, mask, timestep):
+        def denoiser(latents, timestep, text: TextConditioning, context):
+            # The reference feeds the timestep in the model dtype (rounded to bf16 in bf16 runs).
             return self.transformer(
                 hidden_states=latents.to(dtype),
-                encoder_hidden_states=embeds_qwen.to(dtype),
-                pooled_projections=embeds_clip.to(dtype),
-                timestep=timestep,
+                encoder_hidden_states=text.embeds_qwen.to(dtype),
+                pooled_projections=text.embeds_clip.to(dtype),
+                timestep=timestep.to(dtype),
                 scale_factor=scale_factor,
                 sparse_params=sparse_params,
-                encoder_attention_mask=mask,
+                encoder_attention_mask=text.mask,
+                context=context,
             ).sample
 
-        guidance_batch = GuidanceBatch()
-        with self.progress_bar(total=num_inference_steps) as progress:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                # The reference feeds the timestep in the model dtype (rounded to bf16 in bf16 runs).
-                timestep = t.expand(effective_batch).to(dtype)
-                if use_guidance and self.batched_guidance:
-                    # condition and negative in one forward, text padded to a common length and masked
-                    embeds_qwen, embeds_clip, mask = guidance_batch.get(
-                        (prompt_embeds_qwen, prompt_embeds_clip, text_mask),
-                        (negative_prompt_embeds_qwen, negative_prompt_embeds_clip, negative_text_mask),
-                    )
-                    both = denoise(torch.cat([latents, latents]), embeds_qwen, embeds_clip, mask, timestep.repeat(2))
-                    velocity, uncond = both.chunk(2)
-                    velocity = uncond + guidance_scale * (velocity - uncond)
-                else:
-                    velocity = denoise(latents, prompt_embeds_qwen, prompt_embeds_clip, text_mask, timestep)
-                    if use_guidance:
-                        uncond = denoise(
-                            latents,
-                            negative_prompt_embeds_qwen,
-                            negative_prompt_embeds_clip,
-                            negative_text_mask,
-                            timestep,
-                        )
-                        velocity = uncond + guidance_scale * (velocity - uncond)
-                frozen = self.num_frozen_latent_frames
-                latents[:, frozen:, ..., :num_channels] = self.scheduler.step(
-                    velocity[:, frozen:], i, latents[:, frozen:, ..., :num_channels]
-                )
+        scale = request.guidance_scale
+        return make_guidance(denoiser, condition, negative, scale, num_steps, self.batched_guidance)
 
-                if callback_on_step_end is not None:
-                    state = {
-                        "latents": latents,
-                        "prompt_embeds_qwen": prompt_embeds_qwen,
-                        "prompt_embeds_clip": prompt_embeds_clip,
-                        "negative_prompt_embeds_qwen": negative_prompt_embeds_qwen,
-                        "negative_prompt_embeds_clip": negative_prompt_embeds_clip,
-                    }
-                    outputs = (
-                        callback_on_step_end(self, i, t, {k: state[k] for k in callback_on_step_end_tensor_inputs})
-                        or {}
-                    )
-                    latents = outputs.pop("latents", latents)
-                    prompt_embeds_qwen = outputs.pop("prompt_embeds_qwen", prompt_embeds_qwen)
-                    prompt_embeds_clip = outputs.pop("prompt_embeds_clip", prompt_embeds_clip)
-                    negative_prompt_embeds_qwen = outputs.pop(
-                        "negative_prompt_embeds_qwen", negative_prompt_embeds_qwen
-                    )
-                    negative_prompt_embeds_clip = outputs.pop(
-                        "negative_prompt_embeds_clip", negative_prompt_embeds_clip
-                    )
-                progress.update()
-
-        latents = self.finalize_latents(latents[..., :num_channels])
-        if output_type == "latent":
+    def output(self, request: GenerationRequest, latents: torch.Tensor, control: RunControl):
+        """The requested output: the latents, or the decoded video as ``output_type``."""
+        if request.output_type == "latent":
             video = latents
         else:
-            video = postprocess_video(self.decode_latents(latents), output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (video,)
-        return KandinskyPipelineOutput(frames=video)
-
-    def check_condition(self, batch_size: int, **condition_kwargs) -> None:
-        """Validate the conditioning arguments of a subclass for ``batch_size`` prompts, before any encoding;
-        text-to-video takes none."""
-        if condition_kwargs:
-            raise TypeError(
-                f"{type(self).__name__}.__call__() got unexpected keyword arguments {sorted(condition_kwargs)}"
-            )
-
-    def finalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Sampled latents ``(batch, T, H, W, C)`` before decoding (and as ``output_type="latent"``); kept as
-        they are here."""
-        return latents
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Channels-last latents ``(batch, T, H, W, C)`` -> decoded video ``(batch, 3, frames, H, W)`` in [-1, 1]."""
-        latents = latents.to(self.vae.dtype).permute(0, 4, 1, 2, 3)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            with control.phase(Phase.DECODE):
+                video = postprocess_video(self.decode_latents(latents), request.output_type)
+        return KandinskyPipelineOutput(frames=video) if request.return_dict else (video,)
 
 
 def repeat_embeddings(embeds_qwen, embeds_clip, cu_seqlens, times: int):
@@ -752,46 +592,6 @@ def repeat_embeddings(embeds_qwen, embeds_clip, cu_seqlens, times: int):
     lengths = cu_seqlens.diff().repeat_interleave(times)
     cu_seqlens = torch.cat([cu_seqlens.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
     return embeds_qwen, embeds_clip, cu_seqlens
-
-
-def fit_embeddings_to_batch(embeds_qwen, embeds_clip, cu_seqlens, batch_size: int, num_videos_per_prompt: int):
-    """Precomputed embeddings, given one row per prompt (or one row for all), repeated to one row per video."""
-    rows = embeds_qwen.shape[0]
-    if rows not in (1, batch_size) or embeds_clip.shape[0] != rows or cu_seqlens.numel() != rows + 1:
-        raise ValueError(
-            f"`prompt_embeds_qwen`, `prompt_embeds_clip` and `prompt_cu_seqlens` must describe {batch_size} prompt(s) "
-            f"(or 1): got {rows} and {embeds_clip.shape[0]} rows and {cu_seqlens.numel()} cu_seqlens"
-        )
-    return repeat_embeddings(embeds_qwen, embeds_clip, cu_seqlens, batch_size * num_videos_per_prompt // rows)
-
-
-class GuidanceBatch:
-    """The condition and negative text stacked into one batch, rebuilt only when a callback swaps embeddings."""
-
-    def __init__(self):
-        self._key: tuple | None = None
-        self._value: tuple | None = None
-
-    def get(self, condition: tuple, negative: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        key = tuple(id(t) for t in (*condition, *negative))
-        if key != self._key:
-            self._key, self._value = key, stack_for_guidance(condition, negative)
-        return self._value
-
-
-def stack_for_guidance(condition: tuple, negative: tuple):
-    """``(embeds_qwen, embeds_clip, mask)`` of both halves -> one batch: condition rows first, text zero-padded
-    to the longer length, with a padding mask (``None`` when nothing is padded)."""
-    length = max(condition[0].shape[1], negative[0].shape[1])
-    qwen, masks = [], []
-    for embeds, _, mask in (condition, negative):
-        rows, own = embeds.shape[0], embeds.shape[1]
-        valid = torch.ones(rows, own, dtype=torch.bool, device=embeds.device) if mask is None else mask
-        qwen.append(torch.nn.functional.pad(embeds, (0, 0, 0, length - own)))
-        masks.append(torch.nn.functional.pad(valid, (0, length - own), value=False))
-    mask = torch.cat(masks)
-    all_valid = condition[2] is None and negative[2] is None and condition[0].shape[1] == negative[0].shape[1]
-    return torch.cat(qwen), torch.cat([condition[1], negative[1]]), None if all_valid else mask
 
 
 def padding_mask(cu_seqlens: torch.Tensor, length: int, device) -> torch.Tensor | None:

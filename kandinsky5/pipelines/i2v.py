@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from kandinsky5.io.preprocess import ImageInput, count_images, preprocess_image
+from kandinsky5.io.preprocess import ImageInput, preprocess_image
 from kandinsky5.pipelines.base import Kandinsky5PipelineBase
+from kandinsky5.pipelines.registry import I2V_PIPELINE
+from kandinsky5.pipelines.request import GenerationRequest
+from kandinsky5.sampling.control import Phase, RunControl
 
 # After sampling, the reference re-normalises this many leading latent frames (its fix for mesh artifacts)...
 NORMALIZED_LEADING_FRAMES = 4
@@ -21,10 +22,11 @@ STD_SHIFT_LIMITS = (0.1, 0.25)
 class Kandinsky5I2VPipeline(Kandinsky5PipelineBase):
     """Kandinsky 5.0 image-to-video, API-compatible with diffusers' ``Kandinsky5I2VPipeline``.
 
-    ``pipe(image, prompt=..., ...)`` takes the text-to-video parameters after ``image``.
+    ``pipe(image, prompt=..., ...)``: ``image`` first, then the text-to-video parameters (see
+    ``Kandinsky5PipelineBase.__call__``), positionally or by name.
     """
 
-    checkpoint_classes = ("Kandinsky5I2VPipeline",)
+    checkpoint_classes = (I2V_PIPELINE,)
     # the image's latent frame: the sampler leaves it as encoded
     num_frozen_latent_frames = 1
 
@@ -32,34 +34,19 @@ class Kandinsky5I2VPipeline(Kandinsky5PipelineBase):
         """Generate videos that start from ``image`` (a PIL image, numpy array, tensor, or one per prompt)."""
         return super().__call__(*args, image=image, **kwargs)
 
-    def check_condition(self, batch_size: int, image: ImageInput | None = None, **unexpected) -> None:
-        """``image``: valid, and one for all prompts or one per prompt."""
-        super().check_condition(batch_size, **unexpected)
-        num_images = count_images(image)
-        if num_images not in (1, batch_size):
-            raise ValueError(
-                f"`image` holds {num_images} images for {batch_size} prompts; pass one image, or one per prompt"
-            )
-
-    def prepare_condition(
-        self,
-        latents: torch.Tensor,
-        *,
-        height: int,
-        width: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        image: ImageInput,
-        given_latents: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def prepare_condition(self, latents: torch.Tensor, request: GenerationRequest, control: RunControl) -> torch.Tensor:
         """Put the image's latent into frame 0 of the noise channels and mark that frame in the mask channel.
 
         Caller latents that already hold every channel are used as given, the image unencoded (as the reference).
         """
-        if given_latents is not None and given_latents.shape[-1] == self.transformer.config.visual_input_dim:
+        given = request.latents
+        if given is not None and given.shape[-1] == self.transformer.config.visual_input_dim:
             return latents
         num_videos = latents.shape[0]
-        image_latents = self.encode_image(image, height, width, generator, num_videos, latents.device)
+        with control.phase(Phase.ENCODE_IMAGE):
+            image_latents = self.encode_image(
+                request.image, request.height, request.width, request.generator, num_videos, latents.device
+            )
         # one image per prompt: each prompt's videos are consecutive (prompt-major)
         image_latents = image_latents.repeat_interleave(num_videos // image_latents.shape[0], dim=0)
         num_channels = self.transformer.config.in_visual_dim
@@ -100,16 +87,3 @@ class Kandinsky5I2VPipeline(Kandinsky5PipelineBase):
         latents = latents.clone()
         latents[:, :NORMALIZED_LEADING_FRAMES] = (leading - mean) / std * target_std + target_mean
         return latents
-
-
-def _call_signature() -> inspect.Signature:
-    """The base ``__call__`` signature with ``image`` first, for ``help()`` and introspection."""
-    base = inspect.signature(Kandinsky5PipelineBase.__call__)
-    self_param, *rest = base.parameters.values()
-    image = inspect.Parameter(
-        "image", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="ImageInput | None"
-    )
-    return base.replace(parameters=[self_param, image, *rest])
-
-
-Kandinsky5I2VPipeline.__call__.__signature__ = _call_signature()

@@ -1,0 +1,71 @@
+"""Building a pipeline's components from a checkpoint folder in the Diffusers layout."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kandinsky5.loading.diffusers_format import (
+    CONFIG_FILE,
+    CheckpointError,
+    component_folder,
+    load_component,
+    read_json,
+)
+from kandinsky5.models import text_encoders as te
+from kandinsky5.pipelines.registry import COMPONENT_NAMES
+from kandinsky5.sampling.scheduler import FlowMatchEulerDiscreteScheduler
+from kandinsky5.variants import Variant
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_CONFIG = "scheduler_config.json"
+TEXT_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+
+
+def check_component_names(given: dict[str, Any]) -> None:
+    unknown = sorted(set(given) - set(COMPONENT_NAMES))
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+
+
+def load_components(
+    root: Path, variant: Variant | None, torch_dtype: torch.dtype | None, given: dict[str, Any]
+) -> dict[str, Any]:
+    """Every component of the checkpoint at ``root`` that ``given`` does not already hold."""
+    from kandinsky5.models.dit import Kandinsky5Transformer3DModel
+    from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
+
+    parts = dict(given)
+    if "scheduler" not in parts:
+        parts["scheduler"] = load_scheduler(root, variant)
+    if "transformer" not in parts:
+        folder = component_folder(root, "transformer")
+        parts["transformer"] = load_component(Kandinsky5Transformer3DModel, folder, torch_dtype)
+    if "vae" not in parts:
+        parts["vae"] = load_component(AutoencoderKLHunyuanVideo, component_folder(root, "vae"), torch_dtype)
+    for name in TEXT_PARTS:
+        folder = component_folder(root, name)
+        if name.startswith("text_encoder") and not (folder / CONFIG_FILE).is_file():
+            raise CheckpointError(f"Missing file {folder / CONFIG_FILE}")
+    if "tokenizer" not in parts or "tokenizer_2" not in parts:
+        tokenizer, tokenizer_2 = te.load_tokenizers(root)
+        parts.setdefault("tokenizer", tokenizer)
+        parts.setdefault("tokenizer_2", tokenizer_2)
+    if "text_encoder" not in parts or "text_encoder_2" not in parts:
+        text_encoder, text_encoder_2 = te.load_text_encoders(root, torch_dtype)
+        parts.setdefault("text_encoder", text_encoder)
+        parts.setdefault("text_encoder_2", text_encoder_2)
+    return parts
+
+
+def load_scheduler(root: Path, variant: Variant | None) -> FlowMatchEulerDiscreteScheduler:
+    """The checkpoint's scheduler; a known variant without a scheduler config gets its shift."""
+    path = root / "scheduler" / SCHEDULER_CONFIG
+    if variant is not None and not path.is_file():
+        logger.info("No %s; using %s's shift", path, variant.short_name)
+        return FlowMatchEulerDiscreteScheduler.from_config({"shift": variant.scheduler_shift})
+    return FlowMatchEulerDiscreteScheduler.from_config(read_json(path))

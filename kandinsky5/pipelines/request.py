@@ -1,0 +1,362 @@
+"""One generation request: the ``__call__`` arguments with the model's defaults filled in, validated in one place.
+
+``GenerationRequest.build(facts, **arguments)`` is the only way a pipeline call or the command line turns user
+input into work. It fills what was left as ``None`` from the checkpoint's recommended values (its
+:class:`~kandinsky5.variants.Variant`, else the reference's), rounds ``num_frames`` to ``4k + 1`` as the reference
+does, and raises :class:`RequestError` (a ``ValueError`` naming the parameter) for anything the pipeline could not
+use, before any encoding or sampling. What validation needs to know of the model is a :class:`ModelFacts`, which
+the command line reads from the variant registry or the checkpoint's configs before loading anything, so it rejects
+exactly what the pipeline would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kandinsky5.io.preprocess import count_images
+from kandinsky5.models.text_encoders import MAX_SEQUENCE_LENGTH_LIMIT
+from kandinsky5.pipelines.output import OUTPUT_TYPES
+from kandinsky5.resolutions import SIZE_MULTIPLE, SizeError, check_size
+from kandinsky5.sampling.guidance import NO_GUIDANCE_SCALE
+from kandinsky5.variants import Variant, generation_defaults
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
+    "walking backwards"
+)
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+DEFAULT_OUTPUT_TYPE = "pil"
+# The tensors a ``callback_on_step_end`` may read and replace (diffusers' names).
+CALLBACK_TENSOR_INPUTS = (
+    "latents",
+    "prompt_embeds_qwen",
+    "prompt_embeds_clip",
+    "negative_prompt_embeds_qwen",
+    "negative_prompt_embeds_clip",
+)
+DEFAULT_CALLBACK_TENSOR_INPUTS = ("latents",)
+# Each branch's precomputed text: the three tensors come together or not at all.
+EMBEDDING_PARTS = ("embeds_qwen", "embeds_clip", "cu_seqlens")
+
+
+class RequestError(ValueError):
+    """Input a generation cannot use; ``parameter`` names the argument (the command line maps it to its option)."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(message)
+        self.parameter = parameter
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What validating a request needs to know of the model (all official checkpoints share the sizes below)."""
+
+    variant: Variant | None = None
+    nabla: bool = False
+    image_to_video: bool = False
+    spatial_compression: int = 8
+    temporal_compression: int = 4
+    spatial_patch: int = 2
+    noise_channels: int = 16
+    # noise, then (image-conditioned models) condition channels and a mask channel
+    latent_channels: int = 33
+
+    @classmethod
+    def of_pipeline(cls, pipe) -> ModelFacts:
+        config = pipe.transformer.config
+        return cls(
+            variant=pipe.model_variant,
+            nabla=config.uses_nabla,
+            image_to_video=pipe.num_frozen_latent_frames > 0,
+            spatial_compression=pipe.vae_scale_factor_spatial,
+            temporal_compression=pipe.vae_scale_factor_temporal,
+            spatial_patch=config.patch_size[1],
+            noise_channels=config.in_visual_dim,
+            latent_channels=config.visual_input_dim,
+        )
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per latent token along a side."""
+        return self.spatial_compression * self.spatial_patch
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one call generates from; fields are ``__call__``'s parameters (see the README)."""
+
+    prompt: list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    num_videos_per_prompt: int | None = 1
+    generator: torch.Generator | list[torch.Generator] | None = None
+    latents: torch.Tensor | None = None
+    prompt_embeds_qwen: torch.Tensor | None = None
+    prompt_embeds_clip: torch.Tensor | None = None
+    negative_prompt_embeds_qwen: torch.Tensor | None = None
+    negative_prompt_embeds_clip: torch.Tensor | None = None
+    prompt_cu_seqlens: torch.Tensor | None = None
+    negative_prompt_cu_seqlens: torch.Tensor | None = None
+    output_type: str | None = DEFAULT_OUTPUT_TYPE
+    return_dict: bool = True
+    callback_on_step_end: Any = None
+    callback_on_step_end_tensor_inputs: list[str] | None = None
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    image: Any = None  # image-to-video: the first frame(s)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, facts: ModelFacts, **arguments) -> GenerationRequest:
+        """Defaults filled, ``num_frames`` rounded to ``4k + 1`` (with a warning), validated."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(arguments) - known)
+        if unknown:
+            raise TypeError(f"got unexpected keyword arguments {unknown}")
+        request = cls(**arguments).with_defaults(facts.variant)
+        check_arguments(request)
+        request = request.with_rounded_frames(facts.temporal_compression)
+        request.check(facts)
+        return request
+
+    def with_defaults(self, variant: Variant | None) -> GenerationRequest:
+        """Arguments left as ``None`` take the variant's recommended values (else the reference's)."""
+        defaults = generation_defaults(variant)
+        filled = {
+            name: getattr(defaults, name)
+            for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+            if getattr(self, name) is None
+        }
+        tensor_inputs = self.callback_on_step_end_tensor_inputs
+        if hasattr(self.callback_on_step_end, "tensor_inputs"):  # diffusers' PipelineCallback objects
+            tensor_inputs = self.callback_on_step_end.tensor_inputs
+        return dataclasses.replace(
+            self,
+            **filled,
+            prompt=[self.prompt] if isinstance(self.prompt, str) else self.prompt,
+            num_videos_per_prompt=1 if self.num_videos_per_prompt is None else self.num_videos_per_prompt,
+            output_type=self.output_type or DEFAULT_OUTPUT_TYPE,
+            callback_on_step_end_tensor_inputs=list(tensor_inputs or DEFAULT_CALLBACK_TENSOR_INPUTS),
+        )
+
+    def with_rounded_frames(self, temporal_compression: int) -> GenerationRequest:
+        """``num_frames - 1`` made a multiple of the VAE's temporal compression, as the reference rounds it."""
+        if self.num_frames % temporal_compression == 1:
+            return self
+        rounded = max(self.num_frames // temporal_compression * temporal_compression + 1, 1)
+        logger.warning(
+            "`num_frames - 1` has to be divisible by %d; using num_frames=%d instead of %d.",
+            temporal_compression,
+            rounded,
+            self.num_frames,
+        )
+        return dataclasses.replace(self, num_frames=rounded)
+
+    # ------------------------------------------------------------------ what the request implies
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts (or rows of precomputed embeddings)."""
+        return len(self.prompt) if self.prompt is not None else self.prompt_embeds_qwen.shape[0]
+
+    @property
+    def num_videos(self) -> int:
+        return self.batch_size * self.num_videos_per_prompt
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale > NO_GUIDANCE_SCALE
+
+    def negative_prompts(self) -> list[str]:
+        """The negative prompt per prompt (the reference's default when none was given)."""
+        negative = DEFAULT_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
+        return [negative] * self.batch_size if isinstance(negative, str) else list(negative)
+
+    def embeddings(self, branch: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The precomputed ``(embeds_qwen, embeds_clip, cu_seqlens)`` of ``"prompt"`` or ``"negative_prompt"``."""
+        parts = tuple(getattr(self, f"{branch}_{part}") for part in EMBEDDING_PARTS)
+        return None if parts[0] is None else parts
+
+    def latent_shape(self, facts: ModelFacts) -> tuple[int, int, int, int, int]:
+        """The noise latents ``(videos, T, H, W, C)``, channels last."""
+        return (
+            self.num_videos,
+            (self.num_frames - 1) // facts.temporal_compression + 1,
+            self.height // facts.spatial_compression,
+            self.width // facts.spatial_compression,
+            facts.noise_channels,
+        )
+
+    # ------------------------------------------------------------------ validation against a model
+
+    def check(self, facts: ModelFacts) -> None:
+        """The checks that depend on the model: size, batch, latents, image. Raises :class:`RequestError`."""
+        try:
+            check_size(
+                self.height,
+                self.width,
+                self.num_frames,
+                nabla=facts.nabla,
+                size_multiple=facts.size_multiple,
+                temporal_compression=facts.temporal_compression,
+            )
+        except SizeError as err:
+            raise RequestError(err.parameter, str(err)) from err
+        if facts.variant is not None:
+            facts.variant.warn_if_untrained(self.height, self.width)
+        check_batch(self)
+        check_latents(self, facts)
+        check_image(self, facts)
+
+
+def check_arguments(request: GenerationRequest) -> None:
+    """The checks that need no model: the reference's ``check_inputs`` and ours on types and ranges."""
+    check_reference_inputs(
+        request.prompt,
+        request.negative_prompt,
+        request.height,
+        request.width,
+        **{f"{b}_{p}": getattr(request, f"{b}_{p}") for b in ("prompt", "negative_prompt") for p in EMBEDDING_PARTS},
+        callback_on_step_end_tensor_inputs=request.callback_on_step_end_tensor_inputs,
+        max_sequence_length=request.max_sequence_length,
+    )
+    positive = (
+        ("num_frames", request.num_frames, " (4k+1, e.g. 121)"),
+        ("num_inference_steps", request.num_inference_steps, ""),
+        ("num_videos_per_prompt", request.num_videos_per_prompt, ""),
+    )
+    for name, value, hint in positive:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(name, f"`{name}` must be a positive integer{hint}, got {value!r}")
+    if isinstance(request.guidance_scale, bool) or not isinstance(request.guidance_scale, int | float):
+        raise RequestError("guidance_scale", f"`guidance_scale` must be a number, got {request.guidance_scale!r}")
+    if request.output_type not in OUTPUT_TYPES:
+        raise RequestError("output_type", f"`output_type` must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
+    generator = request.generator
+    if generator is not None and not isinstance(generator, torch.Generator | list):
+        raise RequestError("generator", "`generator` must be a torch.Generator or a list of them")
+    if request.latents is not None and not isinstance(request.latents, torch.Tensor):
+        raise RequestError("latents", "`latents` must be a torch.Tensor")
+
+
+def check_reference_inputs(
+    prompt,
+    negative_prompt,
+    height,
+    width,
+    prompt_embeds_qwen=None,
+    prompt_embeds_clip=None,
+    negative_prompt_embeds_qwen=None,
+    negative_prompt_embeds_clip=None,
+    prompt_cu_seqlens=None,
+    negative_prompt_cu_seqlens=None,
+    callback_on_step_end_tensor_inputs=None,
+    max_sequence_length=None,
+) -> None:
+    """The reference's ``check_inputs``: :class:`RequestError` naming the parameter."""
+    if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:
+        raise RequestError(
+            "max_sequence_length",
+            f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH_LIMIT}, got {max_sequence_length}",
+        )
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value % SIZE_MULTIPLE:
+            raise RequestError(
+                name, f"`height` and `width` have to be divisible by {SIZE_MULTIPLE} but are {height} and {width}."
+            )
+    unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in CALLBACK_TENSOR_INPUTS]
+    if unknown:
+        raise RequestError(
+            "callback_on_step_end_tensor_inputs",
+            f"`callback_on_step_end_tensor_inputs` has to be in {list(CALLBACK_TENSOR_INPUTS)}, but found {unknown}",
+        )
+    groups = (
+        ("prompt", (prompt_embeds_qwen, prompt_embeds_clip, prompt_cu_seqlens)),
+        ("negative_prompt", (negative_prompt_embeds_qwen, negative_prompt_embeds_clip, negative_prompt_cu_seqlens)),
+    )
+    for branch, group in groups:
+        if any(x is not None for x in group) and any(x is None for x in group):
+            missing = next(f"{branch}_{part}" for part, x in zip(EMBEDDING_PARTS, group, strict=True) if x is None)
+            raise RequestError(
+                missing,
+                f"If any of `{branch}_embeds_qwen`, `{branch}_embeds_clip`, or `{branch}_cu_seqlens` is provided, "
+                f"all three must be provided (`{missing}` is missing).",
+            )
+    if prompt is None and prompt_embeds_qwen is None:
+        raise RequestError(
+            "prompt",
+            "Provide either `prompt` or `prompt_embeds_qwen` (and corresponding `prompt_embeds_clip` and "
+            "`prompt_cu_seqlens`). Cannot leave all undefined.",
+        )
+    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if value is not None and not isinstance(value, str | list):
+            raise RequestError(name, f"`{name}` has to be of type `str` or `list` but is {type(value)}")
+        if isinstance(value, list) and not all(isinstance(p, str) for p in value):
+            raise RequestError(name, f"`{name}` must be a list of strings")
+
+
+def check_batch(request: GenerationRequest) -> None:
+    """Negative prompts, precomputed embeddings and generators agree with the number of prompts and videos."""
+    batch = request.batch_size
+    negative = request.negative_prompt
+    if request.prompt is not None and isinstance(negative, list) and len(negative) != batch:
+        raise RequestError(
+            "negative_prompt", f"`negative_prompt` must have same length as `prompt`. Got {len(negative)} vs {batch}."
+        )
+    for branch in ("prompt", "negative_prompt"):
+        parts = request.embeddings(branch)
+        if parts is None:
+            continue
+        rows = parts[0].shape[0]
+        if rows not in (1, batch) or parts[1].shape[0] != rows or parts[2].numel() != rows + 1:
+            raise RequestError(
+                f"{branch}_embeds_qwen",
+                f"`{branch}_embeds_qwen`, `{branch}_embeds_clip` and `{branch}_cu_seqlens` must describe {batch} "
+                f"prompt(s) (or 1): got {rows} and {parts[1].shape[0]} rows and {parts[2].numel()} cu_seqlens",
+            )
+    generator = request.generator
+    if isinstance(generator, list) and len(generator) not in (1, request.num_videos):
+        raise RequestError(
+            "generator",
+            f"`generator` is a list of {len(generator)} generators, but the effective batch size "
+            f"(prompts x num_videos_per_prompt) is {request.num_videos}; pass one generator or one per video.",
+        )
+
+
+def check_latents(request: GenerationRequest, facts: ModelFacts) -> None:
+    """Given ``latents`` hold the noise channels of every video, or every channel."""
+    if request.latents is None:
+        return
+    shape = request.latent_shape(facts)
+    full = shape[:-1] + (facts.latent_channels,)
+    if tuple(request.latents.shape) not in (shape, full):
+        got = tuple(request.latents.shape)
+        raise RequestError("latents", f"`latents` must have shape {shape} (or {full}), got {got}")
+
+
+def check_image(request: GenerationRequest, facts: ModelFacts) -> None:
+    """Image-to-video: a valid ``image``, one for all prompts or one per prompt; text-to-video takes none."""
+    if not facts.image_to_video:
+        if request.image is not None:
+            raise TypeError("a text-to-video pipeline got an unexpected keyword argument 'image'")
+        return
+    try:
+        num_images = count_images(request.image)
+    except ValueError as err:
+        raise RequestError("image", str(err)) from err
+    if num_images not in (1, request.batch_size):
+        raise RequestError(
+            "image",
+            f"`image` holds {num_images} images for {request.batch_size} prompts; pass one image, or one per prompt",
+        )
