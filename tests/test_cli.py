@@ -149,7 +149,8 @@ def test_models_lists_every_variant_with_its_defaults(capsys):
 
 
 class FakePipeline:
-    """Stands in for a loaded pipeline: records how it was loaded and called, returns a few small frames."""
+    """Stands in for a loaded pipeline: records how it was loaded and the requests it ran, returns a few small
+    frames."""
 
     loaded: list = []
     calls: list = []
@@ -168,9 +169,8 @@ class FakePipeline:
     def set_progress_bar_config(self, **kwargs):
         pass
 
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        kwargs["callback_on_step_end"](self, 0, None, {})
+    def generate(self, request, control):
+        self.calls.append(request)
         return SimpleNamespace(frames=[np.zeros((5, 16, 16, 3), dtype=np.float32)])
 
 
@@ -209,14 +209,14 @@ def generate(tmp_path, *options):
 def test_short_name_loads_its_hub_id_with_its_defaults(fake_loading, tmp_path, short_name, repo_id, expected):
     assert generate(tmp_path, "--model", short_name) == 0
     assert fake_loading.loaded == [("Kandinsky5T2VPipeline", repo_id)]
-    (args, kwargs) = fake_loading.calls[0]
-    assert args == () and {k: kwargs[k] for k in expected} == expected
+    request = fake_loading.calls[0]
+    assert request.image is None and {k: getattr(request, k) for k in expected} == expected
 
 
 def test_given_options_override_the_model_defaults(fake_loading, tmp_path):
     assert generate(tmp_path, "--model", "lite-nocfg-10s", "--steps", "7", "--guidance", "3", "--seconds", "5") == 0
-    kwargs = fake_loading.calls[0][1]
-    assert (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["num_frames"]) == (7, 3.0, 121)
+    request = fake_loading.calls[0]
+    assert (request.num_inference_steps, request.guidance_scale, request.num_frames) == (7, 3.0, 121)
 
 
 def write_image(path, width, height):
@@ -228,15 +228,15 @@ def test_image_selects_image_to_video_and_a_size_of_its_shape(fake_loading, tmp_
     image = write_image(tmp_path / "portrait.png", 400, 600)
     assert generate(tmp_path, "--model", "pro-i2v-5s", "--image", str(image)) == 0
     assert fake_loading.loaded == [("Kandinsky5I2VPipeline", "kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers")]
-    (args, kwargs) = fake_loading.calls[0]
-    assert isinstance(args[0], PIL.Image.Image) and args[0].size == (400, 600)
-    assert (kwargs["height"], kwargs["width"]) == (1280, 768)  # the portrait 1024-class size
+    request = fake_loading.calls[0]
+    assert isinstance(request.image, PIL.Image.Image) and request.image.size == (400, 600)
+    assert (request.height, request.width) == (1280, 768)  # the portrait 1024-class size
 
 
 def test_image_with_explicit_size(fake_loading, tmp_path):
     image = write_image(tmp_path / "square.png", 64, 64)
     assert generate(tmp_path, "--model", "lite-i2v-5s", "--image", str(image), "--height", "512", "--width", "768") == 0
-    assert (fake_loading.calls[0][1]["height"], fake_loading.calls[0][1]["width"]) == (512, 768)
+    assert (fake_loading.calls[0].height, fake_loading.calls[0].width) == (512, 768)
 
 
 @pytest.mark.parametrize(

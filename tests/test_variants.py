@@ -1,6 +1,7 @@
 """The variant registry: every official checkpoint, found by id, short name or folder, and its defaults reaching
 the pipeline call (steps, guidance as transformer calls per step, size, frames, RoPE class)."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -178,32 +179,35 @@ class CallSpy:
         self.latent_request = None
         self.scale_factors = []
         self.calls_in_first_step = None
-        set_timesteps, prepare_latents = pipe.scheduler.set_timesteps, pipe.prepare_latents
+        self.guidance_scale = None
+        set_timesteps, prepare_latents = type(pipe.scheduler).set_timesteps, pipe.prepare_latents
         prepare_condition, forward = pipe.prepare_condition, pipe.transformer.forward
 
-        def spy_set_timesteps(num_inference_steps, device=None):
+        def spy_set_timesteps(scheduler, num_inference_steps, device=None):
             self.steps = num_inference_steps
-            return set_timesteps(num_inference_steps, device=device)
+            return set_timesteps(scheduler, num_inference_steps, device=device)
 
         def spy_prepare_latents(batch, channels, height, width, num_frames, *args):
             self.latent_request = (height, width, num_frames)
             small = SMALL_LATENT_CALL
             return prepare_latents(batch, channels, small["height"], small["width"], small["num_frames"], *args)
 
-        def spy_prepare_condition(latents, **kwargs):
-            return prepare_condition(latents, **(kwargs | SMALL_LATENT_CALL))
+        def spy_prepare_condition(latents, request, control):
+            return prepare_condition(latents, dataclasses.replace(request, **SMALL_LATENT_CALL), control)
 
         def spy_forward(*args, **kwargs):
             self.scale_factors.append(kwargs["scale_factor"])
             return forward(*args, **kwargs)
 
-        monkeypatch.setattr(pipe.scheduler, "set_timesteps", spy_set_timesteps)
+        # on the class: each call steps a copy of the pipeline's scheduler
+        monkeypatch.setattr(type(pipe.scheduler), "set_timesteps", spy_set_timesteps)
         monkeypatch.setattr(pipe, "prepare_latents", spy_prepare_latents)
         monkeypatch.setattr(pipe, "prepare_condition", spy_prepare_condition)
         monkeypatch.setattr(pipe.transformer, "forward", spy_forward)
 
     def stop_after_first_step(self, pipe, step, timestep, tensors):
         self.calls_in_first_step = len(self.scale_factors)
+        self.guidance_scale = pipe.guidance_scale  # the running call's (nothing of a call stays on the pipeline)
         pipe.interrupt = True  # the remaining steps are skipped
         return tensors
 
@@ -229,7 +233,7 @@ def test_variant_defaults_reach_the_pipeline_call(
     assert spy.latent_request == (d.height, d.width, d.num_frames)
     assert spy.calls_in_first_step == variant.model_calls_per_step  # guidance 1.0: no negative-prompt call
     assert spy.scale_factors[0] == rope_scale_factor(d.height, d.width)
-    assert pipe.guidance_scale == d.guidance_scale
+    assert spy.guidance_scale == d.guidance_scale
 
 
 def test_unknown_checkpoint_uses_the_reference_defaults(our_pipeline, monkeypatch):
@@ -277,10 +281,12 @@ def test_missing_scheduler_config_falls_back_to_the_variant_shift(reference_chec
         Kandinsky5T2VPipeline.from_pretrained(unnamed, **tokenizers)
 
 
-def test_i2v_signature_defaults_follow_the_variant():
+def test_call_signature_defaults_follow_the_variant():
+    """``image`` comes first for image-to-video (then the shared parameters, positionally or by name); the shared
+    size and schedule parameters default to ``None``, which the variant fills."""
     import inspect
 
-    parameters = inspect.signature(Kandinsky5I2VPipeline.__call__).parameters
-    assert list(parameters)[1] == "image"
+    assert list(inspect.signature(Kandinsky5I2VPipeline.__call__).parameters)[1] == "image"
+    parameters = inspect.signature(Kandinsky5T2VPipeline.__call__).parameters
     for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale"):
         assert parameters[name].default is None

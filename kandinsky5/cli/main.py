@@ -19,8 +19,18 @@ SUBCOMMANDS = ("generate", "models", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_MODES = ("none", "model", "sequential")
 VAE_TILING_MODES = ("auto", "on", "off")
-# size-check parameters -> the options that set them
-OPTION_OF_PARAMETER = {"height": "--height", "width": "--width", "num_frames": "--frames"}
+# request parameters -> the options that set them
+OPTION_OF_PARAMETER = {
+    "prompt": "PROMPT",
+    "negative_prompt": "--negative-prompt",
+    "height": "--height",
+    "width": "--width",
+    "num_frames": "--frames",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "max_sequence_length": "--max-sequence-length",
+    "image": "--image",
+}
 
 
 class UsageError(Exception):
@@ -114,12 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _validate_generate(args) -> None:
-    """Every check that needs no model, so that mistakes cost nothing. Fills in the model's defaults for the
-    options left out, and sets ``args.variant`` (or ``None``) and ``args.first_frame`` (the loaded ``--image``)."""
-    from kandinsky5.io import check_output_path, load_image
-    from kandinsky5.resolutions import SizeError, check_size, closest_trained_size, resolution_class_of
-    from kandinsky5.variants import generation_defaults
+def _validate_generate(args):
+    """Every check that needs no model, so that mistakes cost nothing: the output paths, the model, the image, the
+    export options, and the :class:`GenerationRequest` the flags describe, built and validated by the same code as
+    a pipeline call. Sets ``args.variant`` (or ``None``) and returns the request."""
+    from kandinsky5.io import check_output_path
 
     try:
         args.out = check_output_path(args.out)
@@ -127,52 +136,79 @@ def _validate_generate(args) -> None:
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
     args.variant, checkpoint = _resolve_model(args)
-    task, nabla = _task_and_attention(args.variant, checkpoint)
-    args.first_frame = None
-    if args.image is not None:
-        if task is Task.TEXT_TO_VIDEO:
-            raise UsageError(f"--image needs an image-to-video model; {args.model} is text-to-video")
-        try:
-            args.first_frame = load_image(args.image)
-        except (ValueError, OSError) as err:
-            raise UsageError(f"--image: {err}") from err
-    elif task is Task.IMAGE_TO_VIDEO:
-        raise UsageError(f"{args.model} is an image-to-video model: give the first frame with --image PATH")
-
-    defaults = generation_defaults(args.variant)
-    if args.first_frame is not None and args.height is None and args.width is None:
-        # the trained size closest to the image's shape, rather than stretching the image to the default size
-        trained = (
-            args.variant.resolution_class if args.variant else resolution_class_of(defaults.height, defaults.width)
-        )
-        args.height, args.width = closest_trained_size(args.first_frame.width / args.first_frame.height, trained)
-    args.height = defaults.height if args.height is None else args.height
-    args.width = defaults.width if args.width is None else args.width
-    args.steps = defaults.num_inference_steps if args.steps is None else args.steps
-    args.guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    facts = _model_facts(args, checkpoint)
+    first_frame = _first_frame(args, facts)
     if args.fps is None:
         args.fps = args.variant.fps if args.variant else DEFAULT_FPS
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.fps < 1:
         raise UsageError(f"--fps must be >= 1, got {args.fps}")
-    if args.seconds is not None:
-        args.frames = frames_for_seconds(args.seconds, args.fps)
-    elif args.frames is None:
-        args.frames = defaults.num_frames
-    if args.frames < 1:
-        raise UsageError(f"--frames must be >= 1, got {args.frames}")
-    try:
-        check_size(args.height, args.width, args.frames, nabla=nabla)
-    except SizeError as err:
-        option = "--seconds" if err.parameter == "num_frames" and args.seconds is not None else None
-        raise UsageError(f"{option or OPTION_OF_PARAMETER[err.parameter]}: {err}") from err
-    if args.variant is not None:
-        args.variant.warn_if_untrained(args.height, args.width)
     if not 0 <= args.quality <= 10:
         raise UsageError(f"--quality must be within 0..10, got {args.quality}")
-    if not 1 <= args.max_sequence_length <= 1024:
-        raise UsageError(f"--max-sequence-length must be within 1..1024, got {args.max_sequence_length}")
+    if args.seconds is not None:
+        args.frames = frames_for_seconds(args.seconds, args.fps)
+    if first_frame is not None and args.height is None and args.width is None:
+        args.height, args.width = size_for_image(first_frame, args.variant)
+    return build_request(args, facts, first_frame)
+
+
+def build_request(args, facts, first_frame):
+    """The request of ``generate``'s flags; a bad value is a :class:`UsageError` naming its option."""
+    from kandinsky5.pipelines.request import GenerationRequest, RequestError
+
+    try:
+        return GenerationRequest.build(
+            facts,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            max_sequence_length=args.max_sequence_length,
+            image=first_frame,
+            output_type="np",
+        )
+    except RequestError as err:
+        option = OPTION_OF_PARAMETER.get(err.parameter, err.parameter)
+        if err.parameter == "num_frames" and args.seconds is not None:
+            option = "--seconds"
+        raise UsageError(f"{option}: {err}") from err
+
+
+def _model_facts(args, checkpoint: Path | None):
+    """What validation needs to know of the model, from the variant registry or the checkpoint's configs."""
+    from kandinsky5.pipelines.request import ModelFacts
+
+    task, nabla = _task_and_attention(args.variant, checkpoint)
+    image_to_video = args.image is not None if task is None else task is Task.IMAGE_TO_VIDEO
+    if args.image is not None and not image_to_video:
+        raise UsageError(f"--image needs an image-to-video model; {args.model} is text-to-video")
+    if args.image is None and image_to_video:
+        raise UsageError(f"{args.model} is an image-to-video model: give the first frame with --image PATH")
+    return ModelFacts(variant=args.variant, nabla=nabla, image_to_video=image_to_video)
+
+
+def _first_frame(args, facts):
+    """The ``--image``, opened (``None`` for text-to-video)."""
+    from kandinsky5.io import load_image
+
+    if not facts.image_to_video:
+        return None
+    try:
+        return load_image(args.image)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--image: {err}") from err
+
+
+def size_for_image(image, variant: Variant | None):
+    """The trained size closest to the image's shape, rather than stretching it to the default size."""
+    from kandinsky5.resolutions import closest_trained_size, resolution_class_of
+    from kandinsky5.variants import generation_defaults
+
+    defaults = generation_defaults(variant)
+    trained = variant.resolution_class if variant else resolution_class_of(defaults.height, defaults.width)
+    return closest_trained_size(image.width / image.height, trained)
 
 
 def _resolve_model(args) -> tuple[Variant | None, Path | None]:
@@ -240,22 +276,33 @@ def _device_and_dtype(args):
 
 
 def cmd_generate(args) -> int:
-    _validate_generate(args)
+    request = _validate_generate(args)
     device, dtype = _device_and_dtype(args)
     _check_runtime_options(args, device)
 
-    import torch
     from transformers.utils import logging as transformers_logging
 
-    import kandinsky5
-    from kandinsky5.io import export_to_video, save_frames_fallback
-    from kandinsky5.pipelines.base import DEFAULT_NEGATIVE_PROMPT
-    from kandinsky5.variants import generation_defaults
-
     transformers_logging.disable_progress_bar()  # one progress bar: ours, for sampling
-    image_to_video = args.first_frame is not None
-    pipeline_class = kandinsky5.Kandinsky5I2VPipeline if image_to_video else kandinsky5.Kandinsky5T2VPipeline
     start = time.perf_counter()
+    pipe = load_pipeline(args, request, device, dtype)
+    loaded = time.perf_counter()
+    # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
+    request = encoded_once(pipe, request)
+    for seed, out in zip(args.seed, args.outputs, strict=True):
+        code = generate_one(args, pipe, request, seed, out, start, loaded)
+        if code:
+            return code
+    return 0
+
+
+def load_pipeline(args, request, device, dtype):
+    """The pipeline of ``--model``, with the options that change its layers, placement and kernels."""
+    import torch
+
+    import kandinsky5
+
+    image_to_video = request.image is not None
+    pipeline_class = kandinsky5.Kandinsky5I2VPipeline if image_to_video else kandinsky5.Kandinsky5T2VPipeline
     pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype)
     # layout transforms first: offloading then arms its hooks on the final layers
     if args.fuse_qkv:
@@ -277,48 +324,51 @@ def cmd_generate(args) -> int:
     if args.compile:
         pipe.transformer.compile()
     pipe.set_progress_bar_config(disable=args.no_progress)
-    loaded = time.perf_counter()
-    # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
-    guidance = generation_defaults(pipe.model_variant).guidance_scale if args.guidance is None else args.guidance
-    text = embedding_kwargs("prompt", pipe.encode_prompt(args.prompt, max_sequence_length=args.max_sequence_length))
-    if guidance > 1.0:
-        negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-        embeds = pipe.encode_prompt(negative, max_sequence_length=args.max_sequence_length)
-        text.update(embedding_kwargs("negative_prompt", embeds))
-    condition = (args.first_frame,) if image_to_video else ()
-    for seed, out in zip(args.seed, args.outputs, strict=True):
-        step_times: list[float] = []
+    return pipe
 
-        def on_step_end(_pipe, _step, _timestep, tensors, times=step_times):
-            times.append(time.perf_counter())
-            return tensors
 
-        video_start = time.perf_counter()
-        frames = pipe(
-            *condition,
-            **text,
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
-            num_inference_steps=args.steps,
-            guidance_scale=guidance,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            callback_on_step_end=on_step_end,
-            output_type="np",
-        ).frames[0]
-        done = time.perf_counter()
-        try:
+def encoded_once(pipe, request):
+    """``request`` with its prompts replaced by their embeddings, so that every seed reuses them."""
+    import dataclasses
+
+    embeds = embedding_kwargs(
+        "prompt", pipe.encode_prompt(request.prompt, max_sequence_length=request.max_sequence_length)
+    )
+    if request.uses_guidance:
+        negative = pipe.encode_prompt(request.negative_prompts(), max_sequence_length=request.max_sequence_length)
+        embeds.update(embedding_kwargs("negative_prompt", negative))
+    return dataclasses.replace(request, prompt=None, negative_prompt=None, **embeds)
+
+
+def generate_one(args, pipe, request, seed: int, out: Path, start: float, loaded: float) -> int:
+    """One video of ``request`` from ``seed``, written to ``out``; a summary line. A video that cannot be written
+    is kept as a ``.npy`` file beside it."""
+    import dataclasses
+
+    import torch
+
+    from kandinsky5.io import export_to_video, save_frames_fallback
+    from kandinsky5.sampling.control import Phase, RunControl
+
+    step_ends: list[float] = []
+    control = RunControl(on_progress=lambda e: step_ends.append(e.elapsed_s) if e.phase is Phase.DENOISE else None)
+    seeded = dataclasses.replace(request, generator=torch.Generator("cpu").manual_seed(seed))
+    frames = pipe.generate(seeded, control).frames[0]
+    generated = control.elapsed_s
+    try:
+        with control.phase(Phase.WRITE):
             export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
-        except Exception as err:
-            kept = save_frames_fallback(frames, out)
-            print(f"kandinsky5: error: writing {out} failed ({err}); the frames were kept in {kept}", file=sys.stderr)
-            return 1
-        per_step = (step_times[-1] - video_start) / len(step_times) if step_times else float("nan")
-        print(
-            f"{out}: {args.width}x{args.height}, {len(frames)} frames at {args.fps} fps, seed {seed}, "
-            f"{args.steps} steps at {per_step:.2f} s/step, load {loaded - start:.1f} s, "
-            f"generate {done - video_start:.1f} s, total {time.perf_counter() - start:.1f} s"
-        )
+    except Exception as err:
+        kept = save_frames_fallback(frames, out)
+        print(f"kandinsky5: error: writing {out} failed ({err}); the frames were kept in {kept}", file=sys.stderr)
+        return 1
+    steps = len(step_ends) - 1  # the first event is the phase's start
+    per_step = (step_ends[-1] - step_ends[0]) / steps if steps > 0 else float("nan")
+    print(
+        f"{out}: {request.width}x{request.height}, {len(frames)} frames at {args.fps} fps, seed {seed}, "
+        f"{request.num_inference_steps} steps at {per_step:.2f} s/step, load {loaded - start:.1f} s, "
+        f"generate {generated:.1f} s, total {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
