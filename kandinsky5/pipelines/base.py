@@ -343,24 +343,9 @@ class Kandinsky5PipelineBase:
 
     # ------------------------------------------------------------------ validation
 
-    def check_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        height,
-        width,
-        prompt_embeds_qwen=None,
-        prompt_embeds_clip=None,
-        negative_prompt_embeds_qwen=None,
-        negative_prompt_embeds_clip=None,
-        prompt_cu_seqlens=None,
-        negative_prompt_cu_seqlens=None,
-        callback_on_step_end_tensor_inputs=None,
-        max_sequence_length=None,
-    ) -> None:
-        """Raise ``ValueError`` naming the parameter for input the pipeline cannot use (the reference's checks;
-        a call makes these and the rest through :class:`GenerationRequest`)."""
-        check_reference_inputs(**{k: v for k, v in locals().items() if k != "self"})
+    # diffusers' check_inputs (the reference's checks, raising ``RequestError`` naming the parameter); a call makes
+    # these and the rest through GenerationRequest
+    check_inputs = staticmethod(check_reference_inputs)
 
     def model_facts(self) -> ModelFacts:
         """What validating a request needs to know of this pipeline's model."""
