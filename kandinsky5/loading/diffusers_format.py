@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kandinsky5.models.base import ModelBase
+from kandinsky5.models.base import ModelBase, check_compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,12 @@ def load_component(
 ) -> ModelBase:
     """Build ``cls`` from ``folder/config.json`` on ``meta`` and assign the checkpoint's tensors.
 
-    With ``torch_dtype``, floating tensors are cast to it, except those of the model's float32 islands.
+    With ``torch_dtype``, floating tensors are cast to it, except those of the model's float32 islands, and it is the
+    model's compute dtype; without, the compute dtype is the one the checkpoint stores (see
+    :func:`kandinsky5.models.base.stored_compute_dtype`).
     """
+    if torch_dtype is not None:
+        check_compute_dtype(torch_dtype)
     config = read_json(folder / CONFIG_FILE)
     with torch.device("meta"):
         model = cls.from_config(config)
@@ -120,4 +124,6 @@ def load_component(
                     tensor = tensor.to(torch.float32 if cls.keeps_fp32(name) else torch_dtype)
                 state[name] = tensor
     model.load_state_dict(state, strict=True, assign=True)
+    if torch_dtype is not None:
+        model.compute_dtype = torch_dtype
     return model.eval().requires_grad_(False)
