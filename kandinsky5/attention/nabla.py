@@ -16,6 +16,9 @@ with a ``ValueError`` (the pipeline checks this before sampling); padding would 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -23,6 +26,76 @@ from torch.nn.attention.flex_attention import BlockMask
 # Tokens per side of a spatial tile; one tile of one frame is one attention block.
 FRACTAL_TILE = 8
 NABLA_BLOCK_SIZE = FRACTAL_TILE * FRACTAL_TILE
+
+
+# The reference's ``sparse_params`` keys (diffusers' ``Kandinsky5T2VPipeline.get_sparse_params``).
+REFERENCE_WINDOW_MASK = "sta_mask"
+REFERENCE_THRESHOLD = "P"
+REFERENCE_FRACTAL = "to_fractal"
+
+
+@dataclass(frozen=True, eq=False)
+class NablaParams:
+    """What NABLA attention needs for one latent grid (the reference passes the same as a 10-key dict).
+
+    ``window_mask``: the sliding-window block map, boolean, broadcastable to ``(batch, heads, blocks, blocks)``
+    (the reference's ``sta_mask``: :func:`sliding_window_block_mask` with two leading singleton axes).
+    ``threshold``: the softmax mass the kept blocks of each query block must hold (the reference's ``P``).
+    ``fractal``: whether the visual tokens go through the attention in fractal order (``to_fractal``; the
+    block map assumes it). ``visual_shape``: the latent token grid ``(T, H, W)`` the map was built for, if known.
+    ``window``: the window sizes in tiles ``(wT, wH, wW)``, if known. The reference's remaining keys
+    (``attention_type``, ``add_sta``, ``method``) select NABLA's only implemented variant and are kept for
+    :meth:`to_reference` only.
+    """
+
+    window_mask: torch.Tensor
+    threshold: float
+    fractal: bool = True
+    visual_shape: tuple[int, int, int] | None = None
+    window: tuple[int, int, int] | None = None
+    add_sta: bool | None = None
+    method: str | None = None
+
+    @classmethod
+    def from_reference(cls, params: Mapping[str, Any]) -> NablaParams:
+        """Read the reference's ``sparse_params`` dict; ``sta_mask`` and ``P`` are required."""
+        missing = [k for k in (REFERENCE_WINDOW_MASK, REFERENCE_THRESHOLD) if params.get(k) is None]
+        if missing:
+            raise ValueError(f"NABLA sparse_params lack {missing}; got keys {sorted(params)}")
+        shape = params.get("visual_shape")
+        window = tuple(params.get(k) for k in ("wT", "wH", "wW"))
+        return cls(
+            window_mask=params[REFERENCE_WINDOW_MASK],
+            threshold=params[REFERENCE_THRESHOLD],
+            fractal=bool(params.get(REFERENCE_FRACTAL, False)),
+            visual_shape=None if shape is None else tuple(shape),
+            window=None if None in window else window,
+            add_sta=params.get("add_sta"),
+            method=params.get("method"),
+        )
+
+    def to_reference(self) -> dict[str, Any]:
+        """The reference's ``sparse_params`` dict (the keys diffusers' pipeline builds)."""
+        w_t, w_h, w_w = self.window or (None, None, None)
+        return {
+            REFERENCE_WINDOW_MASK: self.window_mask,
+            "attention_type": "nabla",
+            REFERENCE_FRACTAL: self.fractal,
+            REFERENCE_THRESHOLD: self.threshold,
+            "wT": w_t,
+            "wW": w_w,
+            "wH": w_h,
+            "add_sta": self.add_sta,
+            "visual_shape": self.visual_shape,
+            "method": self.method,
+        }
+
+
+def as_nabla_params(params: NablaParams | Mapping[str, Any] | None) -> NablaParams | None:
+    """``params`` as :class:`NablaParams` (a reference dict is converted; ``None`` stays ``None``)."""
+    if params is None or isinstance(params, NablaParams):
+        return params
+    return NablaParams.from_reference(params)
 
 
 def check_fractal_grid(grid: tuple[int, int, int]) -> None:

@@ -2,28 +2,39 @@
 
 Only the network lives here. Parameter names equal those of the official Diffusers checkpoints. Float32
 islands (time embedding, modulation, the norm-modulate and gate-residual arithmetic) follow the reference; the
-model's own dtype is used everywhere else.
+model's compute dtype is used everywhere else.
+
+The forward runs in named stages (:meth:`Kandinsky5Transformer3DModel.embed_text`, ``embed_time``,
+``embed_visual``, ``text_blocks``, ``visual_blocks``, ``output_head``). Code outside the model changes how a stage
+runs without editing it: :meth:`Kandinsky5Transformer3DModel.wrap_stage` (a step cache, sequence parallelism).
+Fusing projections and compiling are transforms applied from outside, in :mod:`kandinsky5.runtime`; the methods
+of the same names here delegate to them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from kandinsky5.attention import attention, attention_backend
 from kandinsky5.attention.backends import validate_backend
 from kandinsky5.attention.nabla import (
+    NablaParams,
+    as_nabla_params,
     from_fractal_order,
     nabla_block_mask,
     to_fractal_order,
 )
 from kandinsky5.models.base import ComponentConfig, ModelBase
-from kandinsky5.runtime.compile import compile_repeated_blocks
+from kandinsky5.models.forward_context import ForwardContext
 
 ROPE_MAX_PERIOD = 10000.0
 TIME_MAX_PERIOD = 10000.0
@@ -213,9 +224,9 @@ FUSED_PROJECTION = "fused_projection"
 class Attention(nn.Module):
     """Multi-head attention with per-head RMS-normalised queries and keys.
 
-    ``fuse_projections`` may merge the projections that read the same input into one linear layer (one GEMM reads
-    the input once). The checkpoint layout does not change: ``state_dict()`` splits the fused weights back into
-    the reference's ``to_query``/``to_key``/``to_value`` tensors and ``load_state_dict`` joins them.
+    The projections that read the same input may be merged into one linear layer, ``FUSED_PROJECTION`` (one GEMM
+    reads the input once): see :mod:`kandinsky5.runtime.fusion`, which also keeps the checkpoint layout in
+    ``state_dict()`` and ``load_state_dict``. Here, :meth:`project` only runs whichever layers are present.
     """
 
     def __init__(self, num_channels: int, head_dim: int):
@@ -228,8 +239,6 @@ class Attention(nn.Module):
         self.key_norm = nn.RMSNorm(head_dim)
         self.out_layer = nn.Linear(num_channels, num_channels, bias=True)
         self.register_module(FUSED_PROJECTION, None)
-        self.register_load_state_dict_pre_hook(_join_fused_tensors)
-        self.register_state_dict_post_hook(_split_fused_tensors)
 
     @property
     def fused(self) -> tuple[str, ...]:
@@ -240,33 +249,16 @@ class Attention(nn.Module):
         return QKV_PROJECTIONS if layer.out_features == len(QKV_PROJECTIONS) * layer.in_features else KV_PROJECTIONS
 
     def fuse_projections(self, names: tuple[str, ...]) -> None:
-        """Merge the linear layers ``names`` (``QKV_PROJECTIONS`` or ``KV_PROJECTIONS``) into one, in place."""
-        if names not in (QKV_PROJECTIONS, KV_PROJECTIONS):
-            raise ValueError(f"can fuse {QKV_PROJECTIONS} or {KV_PROJECTIONS}, not {names}")
-        if self.fused:
-            self.unfuse_projections()
-        layers = [getattr(self, name) for name in names]
-        first = layers[0]
-        fused = nn.Linear(first.in_features, first.out_features * len(layers), device="meta")
-        trainable = first.weight.requires_grad
-        fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=trainable)
-        fused.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]), requires_grad=trainable)
-        setattr(self, FUSED_PROJECTION, fused)
-        for name in names:
-            setattr(self, name, None)
+        """Merge the linear layers ``names`` into one (see :func:`kandinsky5.runtime.fusion.fuse_projections`)."""
+        from kandinsky5.runtime.fusion import fuse_projections
+
+        fuse_projections(self, names)
 
     def unfuse_projections(self) -> None:
-        """Undo ``fuse_projections``: separate linear layers holding slices of the fused weights."""
-        fused = getattr(self, FUSED_PROJECTION)
-        if fused is None:
-            return
-        names = self.fused
-        for name, weight, bias in zip(names, fused.weight.chunk(len(names)), fused.bias.chunk(len(names)), strict=True):
-            layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
-            layer.weight = nn.Parameter(weight.clone(), requires_grad=weight.requires_grad)
-            layer.bias = nn.Parameter(bias.clone(), requires_grad=bias.requires_grad)
-            setattr(self, name, layer)
-        setattr(self, FUSED_PROJECTION, None)
+        """Undo :meth:`fuse_projections` (see :func:`kandinsky5.runtime.fusion.unfuse_projections`)."""
+        from kandinsky5.runtime.fusion import unfuse_projections
+
+        unfuse_projections(self)
 
     def project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Query from ``x``; key and value from ``context`` (``None``: self-attention on ``x``)."""
@@ -290,7 +282,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         rope: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        sparse: dict[str, Any] | None = None,
+        sparse: NablaParams | None = None,
     ) -> torch.Tensor:
         query, key, value = (t.unflatten(-1, (self.num_heads, -1)) for t in self.project(x, context))
         query = self.query_norm(query.float()).type_as(query)
@@ -300,26 +292,9 @@ class Attention(nn.Module):
             key = apply_rope(key, rope)
         # NABLA: the block map goes to the attention choke point, which runs flex_attention on it (GPU) or SDPA
         # with it expanded to a token mask (CPU)
-        block_map = None if sparse is None else nabla_block_mask(query, key, sparse["sta_mask"], sparse["P"])
+        block_map = None if sparse is None else nabla_block_mask(query, key, sparse.window_mask, sparse.threshold)
         out = attention(query, key, value, mask=mask, block_map=block_map)
         return self.out_layer(out.flatten(-2, -1))
-
-
-def _join_fused_tensors(module: Attention, state_dict: dict, prefix: str, *_) -> None:
-    """Load hook: the reference's separate projection tensors -> the fused layer's, when ``module`` is fused."""
-    for kind in ("weight", "bias"):
-        names = [f"{prefix}{name}.{kind}" for name in module.fused]
-        if names and all(name in state_dict for name in names):
-            state_dict[f"{prefix}{FUSED_PROJECTION}.{kind}"] = torch.cat([state_dict.pop(name) for name in names])
-
-
-def _split_fused_tensors(module: Attention, state_dict: dict, prefix: str, _metadata) -> None:
-    """``state_dict`` hook: the fused layer's tensors -> the reference's names (the checkpoint layout)."""
-    for kind in ("weight", "bias"):
-        fused = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{kind}", None)
-        if fused is not None:
-            for name, part in zip(module.fused, fused.chunk(len(module.fused)), strict=True):
-                state_dict[f"{prefix}{name}.{kind}"] = part
 
 
 class FeedForward(nn.Module):
@@ -394,18 +369,71 @@ class OutLayer(nn.Module):
         return x.reshape(b, t * pt, h * ph, w * pw, -1)
 
 
+VISUAL_BLOCKS = "visual_blocks"
+# Stages of the forward that wrap_stage can wrap.
+WRAPPABLE_STAGES = (VISUAL_BLOCKS,)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VisualBlocksInputs:
+    """What the visual blocks read besides the visual tokens; built anew by each forward.
+
+    ``text``: ``(batch, text_len, model_dim)``, out of the text blocks. ``time_embed``: ``(batch, time_dim)``.
+    ``rope``: ``(1, seq, 1, head_dim / 2, 2)``, one row per visual token, in the tokens' order. ``sparse``: NABLA's
+    parameters, or ``None`` for dense attention. ``text_mask``: ``(batch, 1, 1, text_len)``, True for real text
+    tokens, or ``None``. ``grid``: the latent token grid ``(T, H, W)`` the ``seq = T*H*W`` tokens come from.
+    """
+
+    text: torch.Tensor
+    time_embed: torch.Tensor
+    rope: torch.Tensor
+    sparse: NablaParams | None
+    text_mask: torch.Tensor | None
+    grid: tuple[int, int, int]
+
+
+# A stage as a wrapper calls it: ``run(visual, inputs) -> visual``, the call's context already bound.
+StageRun = Callable[[torch.Tensor, VisualBlocksInputs], torch.Tensor]
+
+
+class StageWrapper(Protocol):
+    """Runs in place of a stage: ``wrapper(run, visual, inputs, context=context) -> visual``.
+
+    ``visual`` is the stage's input, ``(batch, seq, model_dim)`` tokens (fractal order under NABLA), and the result
+    must have its shape. ``run(visual, inputs)`` runs what the wrapper wraps (the stage itself or an inner wrapper);
+    a wrapper may call it on other arguments (a shard of the sequence), several times, or not at all (a step cache
+    returning ``visual`` plus a cached residual). ``context`` tells which guidance branch each equal chunk of the
+    batch computes and the step (``None`` when the caller gave none).
+    """
+
+    def __call__(
+        self, run: StageRun, visual: torch.Tensor, inputs: VisualBlocksInputs, *, context: ForwardContext | None
+    ) -> torch.Tensor: ...
+
+
+def _bind(wrapper: StageWrapper, run: StageRun, context: ForwardContext | None) -> StageRun:
+    def wrapped(visual: torch.Tensor, inputs: VisualBlocksInputs) -> torch.Tensor:
+        return wrapper(run, visual, inputs, context=context)
+
+    return wrapped
+
+
 class Kandinsky5Transformer3DModel(ModelBase):
     """The Kandinsky 5 DiT. Inputs and outputs are channels-last latents ``(batch, T, H, W, C)``."""
 
     config_class = TransformerConfig
     _keep_in_fp32_modules = ("time_embeddings", "modulation", "visual_modulation", "text_modulation")
-    # Regional compilation targets (see kandinsky5.runtime).
+    # Regional compilation targets (see kandinsky5.runtime.compile).
     _repeated_blocks = ("TextBlock", "VisualBlock")
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
         c = config
         self.attention_backend: str | None = None
+        # wrap_stage's wrappers per stage, in registration order (configuration, like hooks)
+        self._stage_wrappers: dict[str, OrderedDict[int, StageWrapper]] = {
+            stage: OrderedDict() for stage in WRAPPABLE_STAGES
+        }
         self.time_embeddings = TimeEmbeddings(c.model_dim, c.time_dim)
         self.text_embeddings = TextEmbeddings(c.in_text_dim, c.model_dim)
         self.pooled_text_embeddings = TextEmbeddings(c.in_text_dim2, c.time_dim)
@@ -426,29 +454,42 @@ class Kandinsky5Transformer3DModel(ModelBase):
         """Attention backend for this model's forward (``None``: the process default); see kandinsky5.attention."""
         self.attention_backend = None if name is None else validate_backend(name)
 
+    # ---- transforms applied from outside (kandinsky5.runtime); thin delegates ----
+
     def fuse_qkv_projections(self) -> None:
         """Merge each self-attention's query, key and value projections, and each cross-attention's key and value
-        projections, into one linear layer (diffusers' method name). Outputs equal the unfused model's up to the
-        summation order of the matrix multiply; ``state_dict()`` keeps the checkpoint layout."""
-        for module in self.modules():
-            if isinstance(module, TextBlock | VisualBlock):
-                module.self_attention.fuse_projections(QKV_PROJECTIONS)
-            if isinstance(module, VisualBlock):
-                module.cross_attention.fuse_projections(KV_PROJECTIONS)
+        projections, into one linear layer (diffusers' method name; see :mod:`kandinsky5.runtime.fusion`)."""
+        from kandinsky5.runtime.fusion import fuse_qkv_projections
+
+        fuse_qkv_projections(self)
 
     def unfuse_qkv_projections(self) -> None:
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.unfuse_projections()
+        """Undo :meth:`fuse_qkv_projections`."""
+        from kandinsky5.runtime.fusion import unfuse_qkv_projections
+
+        unfuse_qkv_projections(self)
 
     def compile(self, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False, **kwargs):
-        """Regional compilation: ``torch.compile`` each text and visual block in place (see kandinsky5.runtime).
+        """Regional compilation: ``torch.compile`` each text and visual block in place (see
+        :func:`kandinsky5.runtime.compile.compile_repeated_blocks`). Returns the model."""
+        from kandinsky5.runtime.compile import compile_repeated_blocks
 
-        One compiled graph serves every block of a kind, so compiling costs about two blocks, not the whole model.
-        ``kwargs`` go to ``torch.compile`` (``backend=``, ``options=``). Returns the model. Eager is the default;
-        ``torch.compile(model)`` (the whole model) works too.
-        """
         return compile_repeated_blocks(self, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **kwargs)
+
+    def wrap_stage(self, stage: str, wrapper: StageWrapper) -> RemovableHandle:
+        """Run ``wrapper`` in place of the forward's stage ``stage`` (one of ``WRAPPABLE_STAGES``) from now on;
+        ``handle.remove()`` unwraps it. See :class:`StageWrapper` for what a wrapper receives.
+
+        Wrappers nest: the one wrapped last is outermost, and its ``run`` calls the one wrapped before it.
+        """
+        if stage not in self._stage_wrappers:
+            raise ValueError(f"unknown stage {stage!r}; wrappable stages: {', '.join(WRAPPABLE_STAGES)}")
+        wrappers = self._stage_wrappers[stage]
+        handle = RemovableHandle(wrappers)
+        wrappers[handle.id] = wrapper
+        return handle
+
+    # ---- the forward ----
 
     def forward(
         self,
@@ -459,52 +500,92 @@ class Kandinsky5Transformer3DModel(ModelBase):
         visual_rope_pos: Any = None,
         text_rope_pos: Any = None,
         scale_factor: tuple[float, float, float] = (1.0, 1.0, 1.0),
-        sparse_params: dict[str, Any] | None = None,
+        sparse_params: NablaParams | Mapping[str, Any] | None = None,
         return_dict: bool = True,
         encoder_attention_mask: torch.Tensor | None = None,
+        context: ForwardContext | None = None,
     ):
         """One denoiser evaluation.
 
         ``visual_rope_pos``/``text_rope_pos`` are accepted for reference compatibility; positions are always
         ``0..n-1`` along each axis, so the tables are derived from the shapes and cached.
+        ``sparse_params``: NABLA's :class:`~kandinsky5.attention.nabla.NablaParams`, or the reference's dict.
         ``encoder_attention_mask`` (``(batch, text_len)``, True for real tokens) keeps real tokens from attending
         to padding when prompts of different lengths share a batch (the reference lets them).
+        ``context`` (which guidance branch each batch chunk computes, the step) goes to the stage wrappers only.
         """
+        sparse = as_nabla_params(sparse_params)
         with attention_backend(self.attention_backend):
-            sample = self._forward(
-                hidden_states,
-                encoder_hidden_states,
-                timestep,
-                pooled_projections,
-                scale_factor,
-                sparse_params,
-                encoder_attention_mask,
-            )
+            text = self.embed_text(encoder_hidden_states)
+            time_embed = self.embed_time(timestep, pooled_projections)
+            fractal = sparse is not None and sparse.fractal
+            visual, grid = self.embed_visual(hidden_states, fractal)
+            text_mask = text_attention_mask(encoder_attention_mask, text.device)
+            text = self.text_blocks(text, time_embed, text_mask)
+            rope = self.visual_rope(grid, scale_factor, fractal, visual.device)
+            inputs = VisualBlocksInputs(text, time_embed, rope, sparse, text_mask, grid)
+            visual = self.visual_blocks(visual, inputs, context=context)
+            sample = self.output_head(visual, time_embed, grid, fractal)
         if not return_dict:
             return (sample,)
         return Transformer3DOutput(sample=sample)
 
-    def _forward(self, x, text, timestep, pooled, scale_factor, sparse, text_valid) -> torch.Tensor:
-        text = self.text_embeddings(text)
-        time_embed = self.time_embeddings(timestep) + self.pooled_text_embeddings(pooled)
-        visual = self.visual_embeddings(x)
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Text embeddings ``(batch, text_len, in_text_dim)`` -> tokens ``(batch, text_len, model_dim)``."""
+        return self.text_embeddings(text)
 
-        text_mask = None if text_valid is None else text_valid[:, None, None, :].to(text.device, torch.bool)
-        head_dim = self.config.head_dim
-        text_rope = _text_rope(text.shape[1], head_dim, text.device)
-        for block in self.text_transformer_blocks:
-            text = block(text, time_embed, text_rope, text_mask)
+    def embed_time(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The conditioning vector ``(batch, time_dim)``: timestep embedding plus pooled text embedding."""
+        return self.time_embeddings(timestep) + self.pooled_text_embeddings(pooled)
 
+    def embed_visual(self, latents: torch.Tensor, fractal: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Latents ``(batch, T, H, W, C)`` -> (tokens ``(batch, seq, model_dim)``, token grid ``(t, h, w)``), the
+        tokens in fractal order when ``fractal`` (NABLA), else row-major."""
+        visual = self.visual_embeddings(latents)
         grid = tuple(visual.shape[1:4])
-        fractal = bool(sparse is not None and sparse.get("to_fractal", False))
-        rope = _visual_rope(
-            grid, tuple(self.config.axes_dims), tuple(float(s) for s in scale_factor), fractal, visual.device
-        )
-        visual = to_fractal_order(visual) if fractal else visual.flatten(1, 3)
+        return (to_fractal_order(visual) if fractal else visual.flatten(1, 3)), grid
+
+    def text_blocks(self, text: torch.Tensor, time_embed: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """The text transformer blocks."""
+        rope = _text_rope(text.shape[1], self.config.head_dim, text.device)
+        for block in self.text_transformer_blocks:
+            text = block(text, time_embed, rope, text_mask)
+        return text
+
+    def visual_rope(
+        self, grid: tuple[int, int, int], scale_factor: tuple[float, ...], fractal: bool, device: torch.device
+    ) -> torch.Tensor:
+        """RoPE table of the visual tokens, in their order (cached per shape)."""
+        scale = tuple(float(s) for s in scale_factor)
+        return _visual_rope(grid, tuple(self.config.axes_dims), scale, fractal, device)
+
+    def visual_blocks(
+        self, visual: torch.Tensor, inputs: VisualBlocksInputs, context: ForwardContext | None = None
+    ) -> torch.Tensor:
+        """The visual transformer blocks on tokens ``(batch, seq, model_dim)``, through the wrappers of
+        :meth:`wrap_stage` when there are any."""
+        run: StageRun = self.run_visual_blocks
+        for wrapper in self._stage_wrappers[VISUAL_BLOCKS].values():
+            run = _bind(wrapper, run, context)
+        return run(visual, inputs)
+
+    def run_visual_blocks(self, visual: torch.Tensor, inputs: VisualBlocksInputs) -> torch.Tensor:
+        """The visual blocks themselves, unwrapped."""
         for block in self.visual_transformer_blocks:
-            visual = block(visual, text, time_embed, rope, sparse, text_mask)
+            visual = block(visual, inputs.text, inputs.time_embed, inputs.rope, inputs.sparse, inputs.text_mask)
+        return visual
+
+    def output_head(
+        self, visual: torch.Tensor, time_embed: torch.Tensor, grid: tuple[int, int, int], fractal: bool
+    ) -> torch.Tensor:
+        """Tokens ``(batch, seq, model_dim)`` -> the velocity ``(batch, T, H, W, out_visual_dim)``."""
         visual = from_fractal_order(visual, grid) if fractal else visual.unflatten(1, grid)
         return self.out_layer(visual, time_embed)
+
+
+def text_attention_mask(text_valid: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``(batch, text_len)`` validity (True for real tokens) -> the ``(batch, 1, 1, text_len)`` attention mask."""
+    return None if text_valid is None else text_valid[:, None, None, :].to(device, torch.bool)
 
 
 @dataclasses.dataclass
