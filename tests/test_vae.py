@@ -439,7 +439,7 @@ def test_untiled_decode_peak_counts_one_temporal_chunk_and_one_sliced_batch_elem
 
 
 def test_decode_peak_estimate_reproduces_the_reference_figure():
-    from kandinsky5.models.vae import REFERENCE_DECODE_PEAK_BYTES, estimate_decode_peak_bytes
+    from kandinsky5.runtime.vae_tiling import REFERENCE_DECODE_PEAK_BYTES, estimate_decode_peak_bytes
 
     assert estimate_decode_peak_bytes(17, 512, 768, 128, 2) == REFERENCE_DECODE_PEAK_BYTES
     # float32 doubles it; 1024x1024 needs 8/3 of it

@@ -53,19 +53,6 @@ TILE_SAMPLE_STRIDE_HEIGHT = 192
 TILE_SAMPLE_STRIDE_WIDTH = 192
 TILE_SAMPLE_STRIDE_NUM_FRAMES = 12
 
-# Automatic spatial tiling (``enable_auto_tiling``) estimates the peak activation memory of an untiled decode from
-# the reference's measured figure: 21.5 GiB above the weights for one 17-frame chunk at 512x768 in bfloat16
-# (shared/reference/README.md). The peak scales with the values of the full-resolution stage: frames x height x
-# width x that stage's channels x bytes per value.
-REFERENCE_DECODE_PEAK_BYTES = 21.5 * 2**30
-REFERENCE_DECODE_VALUES = 17 * 512 * 768 * 128  # frames x height x width x channels of the last decoder stage
-REFERENCE_DECODE_ITEMSIZE = 2  # bfloat16
-# Margin over the estimate (allocator fragmentation, the decoded video itself). Small, because the figure is a
-# measured peak of the same convolutions. (The reference's (tokens x tokens) attention mask, which we do not build,
-# lives only in the mid block at latent resolution, far below the full-resolution stages where the peak lies: it is
-# no part of the figure and no saving to subtract.)
-AUTO_TILING_HEADROOM = 1.05
-
 
 @dataclasses.dataclass
 class HunyuanVideoVAEConfig(ComponentConfig):
@@ -465,29 +452,6 @@ def tile_spatially(
     return torch.cat(stitched_rows, dim=-2)[..., : out_size[0], : out_size[1]]
 
 
-def estimate_decode_peak_bytes(frames: int, height: int, width: int, channels: int, itemsize: int) -> int:
-    """Peak activation bytes of decoding ``frames`` sample frames of ``height`` x ``width`` pixels in one piece
-    (no spatial tiles), for a decoder whose full-resolution stage has ``channels`` channels:
-
-        peak = 21.5 GiB * (frames * height * width * channels) / (17 * 512 * 768 * 128) * itemsize / 2
-
-    The peak lies in the full-resolution stages, whose every tensor has ``frames * height * width`` voxels times a
-    channel count proportional to ``channels``; the constant is the reference's measured peak above the weights
-    (bf16, one 17-frame chunk at 512x768, no tiles).
-    """
-    values = frames * height * width * channels
-    return int(REFERENCE_DECODE_PEAK_BYTES * values / REFERENCE_DECODE_VALUES * itemsize / REFERENCE_DECODE_ITEMSIZE)
-
-
-def device_free_bytes(device: torch.device) -> int | None:
-    """Memory a decode on ``device`` can still take: free device memory plus what PyTorch's allocator holds
-    unused; ``None`` where it is not known (CPU), which never tiles."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
 class AutoencoderKLHunyuanVideo(ModelBase):
     """HunyuanVideo's causal video VAE: ``encode(video).latent_dist`` and ``decode(latents).sample``.
 
@@ -495,6 +459,8 @@ class AutoencoderKLHunyuanVideo(ModelBase):
     ``use_framewise_decoding``), as in the reference; ``enable_tiling()`` adds overlapping spatial tiles. By default
     a decode is spatially tiled only when the GPU's free memory would not hold an untiled one
     (``enable_auto_tiling``); ``disable_tiling()`` turns that off too, as the reference behaves.
+
+    The automatic policy is :mod:`kandinsky5.runtime.vae_tiling`'s; the methods here delegate to it.
 
     ``vae.to(memory_format=torch.channels_last_3d)`` runs the convolutions on channels-last activations (the layout
     cuDNN's bf16 3D convolutions prefer); the numbers stay those of the default layout up to summation order. Off by
@@ -528,9 +494,10 @@ class AutoencoderKLHunyuanVideo(ModelBase):
         # overlapping spatial tiles, for large frames
         self.use_tiling = False
         # spatial tiles only for decodes whose estimated peak exceeds the memory free_memory(device) reports (on by
-        # default: where memory suffices, the output is the reference's default untiled decode)
-        self.use_auto_tiling = True
-        self.free_memory: Callable[[torch.device], int | None] = device_free_bytes
+        # default, set by enable_auto_tiling below: where memory suffices, the output is the reference's default
+        # untiled decode)
+        self.use_auto_tiling: bool
+        self.free_memory: Callable[[torch.device], int | None]
         # overlapping temporal tiles once a video is longer than tile_sample_min_num_frames (on by default)
         self.use_framewise_encoding = True
         self.use_framewise_decoding = True
@@ -540,6 +507,7 @@ class AutoencoderKLHunyuanVideo(ModelBase):
         self.tile_sample_stride_height = TILE_SAMPLE_STRIDE_HEIGHT
         self.tile_sample_stride_width = TILE_SAMPLE_STRIDE_WIDTH
         self.tile_sample_stride_num_frames = TILE_SAMPLE_STRIDE_NUM_FRAMES
+        self.enable_auto_tiling()
 
     # ---- switches ----
 
@@ -568,40 +536,30 @@ class AutoencoderKLHunyuanVideo(ModelBase):
 
     def enable_auto_tiling(self, free_memory: Callable[[torch.device], int | None] | None = None) -> None:
         """Decode in spatial tiles only when memory needs it: per ``decode`` call, when the estimated peak of an
-        untiled decode (``estimate_decode_peak_bytes``, with ``AUTO_TILING_HEADROOM``) exceeds the memory the device
-        has left. Untiled decodes equal the reference's default (tiling off); tiled ones its ``enable_tiling()``.
-        ``free_memory(device)`` (bytes, or None for "unknown: don't tile") defaults to ``device_free_bytes``.
+        untiled decode exceeds the memory ``free_memory(device)`` reports (bytes, or None for "unknown: don't
+        tile"; default: the device's free memory). See :func:`kandinsky5.runtime.vae_tiling.enable_auto_tiling`.
         """
-        if free_memory is not None and not callable(free_memory):
-            raise TypeError(
-                f"free_memory: expected a function of a torch.device returning bytes (or None), got {free_memory!r}"
-            )
-        self.use_tiling = False
-        self.use_auto_tiling = True
-        self.free_memory = free_memory or device_free_bytes
+        from kandinsky5.runtime.vae_tiling import enable_auto_tiling
+
+        enable_auto_tiling(self, free_memory)
 
     def tiling_needed(self, z: torch.Tensor) -> bool:
-        """Whether decoding latents ``z`` goes through spatial tiles (see ``enable_auto_tiling``)."""
+        """Whether decoding latents ``z`` goes through spatial tiles: always after ``enable_tiling()``, never after
+        ``disable_tiling()``, else as the automatic policy decides (see ``enable_auto_tiling``)."""
         if self.use_tiling:
             return True
         if not self.use_auto_tiling:
             return False
-        available = self.free_memory(z.device)
-        return available is not None and self.untiled_decode_peak_bytes(z) * AUTO_TILING_HEADROOM > available
+        from kandinsky5.runtime.vae_tiling import auto_tiling_needed
+
+        return auto_tiling_needed(self, z)
 
     def untiled_decode_peak_bytes(self, z: torch.Tensor) -> int:
-        """Estimated peak activation bytes of decoding latents ``z`` without spatial tiles, in this VAE's dtype:
-        one temporal chunk at a time when the frame-wise path takes it, one batch element when slicing."""
-        num_frames, height, width = z.shape[2:]
-        if self.use_framewise_decoding and num_frames > self._tile_latent_min_num_frames:
-            num_frames = self._tile_latent_min_num_frames + 1  # one temporal chunk at a time
-        ratio = self.spatial_compression_ratio
-        sample_frames = (num_frames - 1) * self.temporal_compression_ratio + 1
-        batch = 1 if self.use_slicing else z.shape[0]
-        itemsize = self.decoder.conv_out.conv.weight.element_size()
-        return batch * estimate_decode_peak_bytes(
-            sample_frames, height * ratio, width * ratio, self.config.block_out_channels[0], itemsize
-        )
+        """Estimated peak activation bytes of decoding latents ``z`` without spatial tiles (see
+        :func:`kandinsky5.runtime.vae_tiling.untiled_decode_peak_bytes`)."""
+        from kandinsky5.runtime.vae_tiling import untiled_decode_peak_bytes
+
+        return untiled_decode_peak_bytes(self, z)
 
     def enable_slicing(self) -> None:
         self.use_slicing = True
