@@ -20,9 +20,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from kandinsky5.attention.nabla import FRACTAL_TILE, sliding_window_block_mask
+from kandinsky5.attention.nabla import NablaParams, sliding_window_block_mask
 from kandinsky5.loading.hub import resolve_checkpoint
 from kandinsky5.models import text_encoders as te
+from kandinsky5.models.nabla_params import nabla_params_for_latents
 from kandinsky5.pipelines.adapters import ProgressBar, StepCallback
 from kandinsky5.pipelines.loading import check_component_names, load_components
 from kandinsky5.pipelines.output import KandinskyPipelineOutput, postprocess_video
@@ -266,41 +267,10 @@ class Kandinsky5PipelineBase:
         """Sliding-window block map over a ``T x H x W`` grid of tiles, ``(T*H*W, T*H*W)`` boolean."""
         return sliding_window_block_mask(T, H, W, wT, wH, wW, device=device)
 
-    def get_sparse_params(self, sample: torch.Tensor, device) -> dict[str, Any] | None:
-        """NABLA settings for latents ``sample`` ``(batch, T, H, W, C)``; ``None`` for dense checkpoints."""
-        config = self.transformer.config
-        if not config.uses_nabla:
-            return None
-        pt, ph, pw = config.patch_size
-        if pt != 1:
-            raise ValueError("NABLA attention needs a temporal patch size of 1")
-        t, h, w = sample.shape[1] // pt, sample.shape[2] // ph, sample.shape[3] // pw
-        if h % FRACTAL_TILE or w % FRACTAL_TILE:
-            raise ValueError(
-                f"NABLA attention needs a latent token grid divisible by {FRACTAL_TILE}: height and width must be "
-                f"multiples of {FRACTAL_TILE * ph * self.vae_scale_factor_spatial} pixels"
-            )
-        window = self.fast_sta_nabla(
-            t,
-            h // FRACTAL_TILE,
-            w // FRACTAL_TILE,
-            config.attention_wT,
-            config.attention_wH,
-            config.attention_wW,
-            device=device,
-        )
-        return {
-            "sta_mask": window[None, None],
-            "attention_type": config.attention_type,
-            "to_fractal": True,
-            "P": config.attention_P,
-            "wT": config.attention_wT,
-            "wW": config.attention_wW,
-            "wH": config.attention_wH,
-            "add_sta": config.attention_add_sta,
-            "visual_shape": (t, h, w),
-            "method": config.attention_method,
-        }
+    def get_sparse_params(self, sample: torch.Tensor, device) -> NablaParams | None:
+        """NABLA's parameters for latents ``sample`` ``(batch, T, H, W, C)``; ``None`` for dense checkpoints
+        (the reference returns the same as a dict: ``NablaParams.to_reference()``)."""
+        return nabla_params_for_latents(self.transformer.config, sample.shape, device, self.vae_scale_factor_spatial)
 
     # ------------------------------------------------------------------ prompts
 
