@@ -16,6 +16,7 @@ the flex kernel with SDPA on the expanded token mask at a small size. Prints a t
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -48,7 +49,8 @@ NABLA_WINDOW = (11, 3, 3)
 # The correctness check: small enough for a dense token mask of every head.
 CHECK_GRID = (4, 32, 32)
 CHECK_DENSITY = 0.25
-SMOKE = dict(grids={768: (3, 16, 16), 1536: (6, 16, 16)}, heads=2, head_dim=16, check_grid=(3, 16, 16))
+# --smoke: small stand-ins for the two grids (chosen with the same --lengths), 2 heads x 16, float32 on the CPU.
+SMOKE = dict(grids={47_616: (3, 16, 16), 93_696: (6, 16, 16)}, heads=2, head_dim=16, check_grid=(3, 16, 16))
 SMOKE_DENSE_BACKENDS = ("math", "native")
 
 
@@ -183,19 +185,24 @@ def print_table(sizes, reference_name):
         )
 
 
-def main(argv=None) -> int:
+def run(argv=None, progress: common.Progress | None = None, save: bool = True) -> dict:
+    """Measure, print the table and (unless ``save`` is false or in smoke mode) write the JSON; return the result.
+    ``progress`` receives the result so far after each size."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", choices=sorted(TOKEN_GRIDS), default=sorted(TOKEN_GRIDS))
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--dense-backends", nargs="+", default=list(DENSE_BACKENDS))
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, float32; saves nothing")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes on the CPU (stand-ins for --lengths), float32; saves nothing"
+    )
     args = parser.parse_args(argv)
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
-        grids, args.heads, args.head_dim = SMOKE["grids"], SMOKE["heads"], SMOKE["head_dim"]
-        check_grid, args.repeats = SMOKE["check_grid"], 1
+        grids = {math.prod(SMOKE["grids"][n]): SMOKE["grids"][n] for n in args.lengths}
+        args.heads, args.head_dim, check_grid = SMOKE["heads"], SMOKE["head_dim"], SMOKE["check_grid"]
+        args.repeats = 1
         args.dense_backends = list(SMOKE_DENSE_BACKENDS)
     else:
         if not torch.cuda.is_available():
@@ -205,15 +212,6 @@ def main(argv=None) -> int:
         args.heads, args.head_dim, check_grid = HEADS, HEAD_DIM, CHECK_GRID
 
     sizes = []
-    with torch.no_grad():
-        for length, grid in grids.items():
-            sizes.append(bench_length(length, grid, args, device, dtype))
-        check_error = correctness_check(check_grid, args, device, dtype)
-
-    print(f"attention, 1 x L x {args.heads} heads x {args.head_dim}, {dtype}, {common.environment()['device']}")
-    print_table(sizes, args.dense_backends[0])
-    check_length = check_grid[0] * check_grid[1] * check_grid[2]
-    print(f"flex vs SDPA with the expanded mask at L={check_length}: max |difference| {check_error:.2e}")
     result = {
         **common.environment(),
         "benchmark": "attention kernels",
@@ -222,10 +220,26 @@ def main(argv=None) -> int:
         "dtype": str(dtype),
         "repeats": args.repeats,
         "sizes": sizes,
-        "flex_vs_masked_sdpa_max_abs_error": check_error,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
-    common.save_results(f"attention-{slug}", result, args.smoke)
+    with torch.no_grad(), common.smoke_stance(args.smoke):
+        for length, grid in grids.items():
+            sizes.append(bench_length(length, grid, args, device, dtype))
+            common.report(progress, result)
+        check_error = correctness_check(check_grid, args, device, dtype)
+    result["flex_vs_masked_sdpa_max_abs_error"] = check_error
+
+    print(f"attention, 1 x L x {args.heads} heads x {args.head_dim}, {dtype}, {result['device']}")
+    print_table(sizes, args.dense_backends[0])
+    check_length = check_grid[0] * check_grid[1] * check_grid[2]
+    print(f"flex vs SDPA with the expanded mask at L={check_length}: max |difference| {check_error:.2e}")
+    if save:
+        slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
+        common.save_results(f"attention-{slug}", result, args.smoke)
+    return result
+
+
+def main(argv=None) -> int:
+    run(argv)
     return 0
 
 

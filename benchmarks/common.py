@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib.metadata
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,13 +82,21 @@ def environment() -> dict:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     }
-    try:
-        import diffusers
-
-        info["diffusers"] = diffusers.__version__
-    except ImportError:
+    try:  # the version alone: importing diffusers costs seconds
+        info["diffusers"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return info
+
+
+# Called with the result so far after each measured row, so that a run cut short (a time box) still leaves its
+# finished rows behind (benchmarks/gpu_check.py writes them to JSON).
+Progress = Callable[[dict], None]
+
+
+def report(progress: Progress | None, result: dict) -> None:
+    if progress is not None:
+        progress(result)
 
 
 def synchronize(device: torch.device) -> None:
@@ -148,12 +159,21 @@ def add_run_arguments(parser, *, height: int = 512, width: int = 768, frames: in
     parser.add_argument("--smoke", action="store_true", help="tiny models and sizes on the CPU; saves nothing")
 
 
+def smoke_stance(smoke: bool):
+    """In smoke runs, everything compiled runs eagerly (``torch.compiler.set_stance("force_eager")``): the script's
+    logic is what a smoke run checks, and compiling on the CPU costs seconds (inductor's numbers are checked by
+    tests/test_compile.py and tests/test_nabla.py)."""
+    return torch.compiler.set_stance("force_eager") if smoke else contextlib.nullcontext()
+
+
 def choose_run(args, parser, **smoke_overrides) -> tuple[str, torch.device, torch.dtype]:
     """(config name, device, dtype): the tiny model in float32 on the CPU with ``--smoke`` (``smoke_overrides``
-    replace the size options), else the chosen model in bf16 on the GPU."""
+    replace the options left at their defaults, so ``--smoke --steps 4`` keeps 4 steps), else the chosen model in
+    bf16 on the GPU."""
     if args.smoke:
         for key, value in smoke_overrides.items():
-            setattr(args, key, value)
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
         return "smoke", torch.device("cpu"), torch.float32
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (use --smoke to check the script on a CPU)")

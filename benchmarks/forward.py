@@ -13,6 +13,8 @@ assigned into both models, so the only difference is the code. Our model runs in
   into a few kernels); its first call, compilation included, is reported apart;
 - ``fused+compiled``: both.
 
+``--smoke`` runs every variant on a tiny model on the CPU, compiled ones eagerly (``common.smoke_stance``).
+
 Each speed-up is kept as a default only where this table shows it. Prints a table and writes
 ``benchmarks/results/forward-<model>-<HxWxF>.json`` with the GPU name, torch version and date.
 """
@@ -72,7 +74,9 @@ def fused_copy(model: Kandinsky5Transformer3DModel) -> Kandinsky5Transformer3DMo
     return fused.eval().requires_grad_(False)
 
 
-def main(argv=None) -> int:
+def run(argv=None, progress: common.Progress | None = None, save: bool = True) -> dict:
+    """Measure, print the table and (unless ``save`` is false or in smoke mode) write the JSON; return the result.
+    ``progress`` receives the result so far after each row."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_run_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
@@ -100,51 +104,14 @@ def main(argv=None) -> int:
     text_pos = torch.arange(TEXT_TOKENS, device=device)
     scale = (1, 2, 2)
     visual_tokens = t * (h // 2) * (w // 2)
+    flops = common.transformer_flops(config, visual_tokens, TEXT_TOKENS)
+    roofline = common.roofline_seconds(config, flops)
 
-    def run(model):
+    def forward(model):
         with torch.no_grad():
             return model(x, text, timestep, pooled, rope_pos, text_pos, scale).sample
 
     rows, outputs = {}, {}
-
-    def measure(label, model):
-        common.reset_peak_memory(device)
-        common.synchronize(device)
-        start = time.perf_counter()
-        run(model)  # the first call: kernel selection, and compilation for compiled variants
-        common.synchronize(device)
-        first_call = time.perf_counter() - start
-        seconds, outputs[label] = common.timed(lambda: run(model), device, args.repeats, warmup=0)
-        rows[label] = {
-            "seconds_per_forward": seconds,
-            "first_call_seconds": first_call,
-            "peak_memory_gib": common.peak_memory_gib(device),
-        }
-
-    measure("diffusers", reference)
-    del reference  # ours holds the same tensors; the reference's modules are no longer needed
-    # ``fused`` needs a model of its own (new concatenated tensors); ``compiled`` compiles in place, so eager runs
-    # come first.
-    ours_fused = None
-    if any(v.startswith("fused") for v in variants):
-        ours_fused = fused_copy(ours)
-    for variant in variants:
-        if variant == "eager":
-            measure("kandinsky5 eager", ours)
-        elif variant == "fused":
-            measure("kandinsky5 fused", ours_fused)
-    for variant in variants:
-        if variant == "compiled":
-            measure("kandinsky5 compiled", ours.compile())
-        elif variant == "fused+compiled":
-            measure("kandinsky5 fused+compiled", ours_fused.compile())
-    flops = common.transformer_flops(config, visual_tokens, TEXT_TOKENS)
-    roofline = common.roofline_seconds(config, flops)
-    for label, row in rows.items():
-        row["roofline_fraction"] = roofline / row["seconds_per_forward"]
-        if label != "diffusers":
-            row["speedup_vs_diffusers"] = rows["diffusers"]["seconds_per_forward"] / row["seconds_per_forward"]
-            row["relative_l2_vs_diffusers"] = common.relative_l2(outputs[label], outputs["diffusers"])
     result = {
         **common.environment(),
         "benchmark": "transformer forward",
@@ -152,10 +119,47 @@ def main(argv=None) -> int:
         "size": {"height": args.height, "width": args.width, "frames": args.frames, "visual_tokens": visual_tokens},
         "dtype": str(dtype),
         "repeats": args.repeats,
+        "variants": variants,
         "flops": flops,
         "roofline_seconds": roofline,
         "results": rows,
     }
+
+    def measure(label, model):
+        common.reset_peak_memory(device)
+        common.synchronize(device)
+        start = time.perf_counter()
+        forward(model)  # the first call: kernel selection, and compilation for compiled variants
+        common.synchronize(device)
+        first_call = time.perf_counter() - start
+        seconds, outputs[label] = common.timed(lambda: forward(model), device, args.repeats, warmup=0)
+        row = rows[label] = {
+            "seconds_per_forward": seconds,
+            "first_call_seconds": first_call,
+            "peak_memory_gib": common.peak_memory_gib(device),
+            "roofline_fraction": roofline / seconds,
+        }
+        if label != "diffusers":
+            row["speedup_vs_diffusers"] = rows["diffusers"]["seconds_per_forward"] / seconds
+            row["relative_l2_vs_diffusers"] = common.relative_l2(outputs[label], outputs["diffusers"])
+        common.report(progress, result)
+
+    with common.smoke_stance(args.smoke):
+        measure("diffusers", reference)
+        del reference  # ours holds the same tensors; the reference's modules are no longer needed
+        # ``fused`` needs a model of its own (new concatenated tensors); ``compiled`` compiles in place, so eager
+        # runs come first.
+        ours_fused = fused_copy(ours) if any(v.startswith("fused") for v in variants) else None
+        for variant in variants:
+            if variant == "eager":
+                measure("kandinsky5 eager", ours)
+            elif variant == "fused":
+                measure("kandinsky5 fused", ours_fused)
+        for variant in variants:
+            if variant == "compiled":
+                measure("kandinsky5 compiled", ours.compile())
+            elif variant == "fused+compiled":
+                measure("kandinsky5 fused+compiled", ours_fused.compile())
     print(f"{name} forward {args.height}x{args.width}x{args.frames} ({visual_tokens} tokens), {dtype}")
     print(f"{'':26} {'s/forward':>10} {'1st call s':>10} {'peak GiB':>9} {'roofline':>9} {'speed-up':>9} {'rel L2':>9}")
     for label, row in rows.items():
@@ -166,7 +170,13 @@ def main(argv=None) -> int:
             f"{label:26} {row['seconds_per_forward']:10.3f} {row['first_call_seconds']:10.2f} {peak:>9} "
             f"{row['roofline_fraction']:9.2f} {speedup:>9} {l2:>9}"
         )
-    common.save_results(f"forward-{name}-{args.height}x{args.width}x{args.frames}", result, args.smoke)
+    if save:
+        common.save_results(f"forward-{name}-{args.height}x{args.width}x{args.frames}", result, args.smoke)
+    return result
+
+
+def main(argv=None) -> int:
+    run(argv)
     return 0
 
 

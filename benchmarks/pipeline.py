@@ -7,7 +7,9 @@
 Both pipelines share every weight tensor (Qwen2.5-VL-7B, CLIP-L, DiT, VAE), created once with random values;
 the real tokenizers come from ../shared/reference/tokenizers. Models are loaded before timing starts, as a user's
 second video would find them. Reported per pipeline: end-to-end seconds (text encoding + sampling + VAE decode +
-MP4), seconds per step, VAE decode seconds, peak GPU memory; and the relative L2 difference of the frames.
+MP4), seconds per step (the mean step after the first), fixed seconds (end-to-end - steps x seconds per step) and
+the end-to-end time extrapolated to 50 steps (fixed + 50 x seconds per step: short runs such as ``--steps 4``
+stand for the real 50), VAE decode seconds, peak GPU memory; and the relative L2 difference of the frames.
 Writes ``benchmarks/results/pipeline-<model>-<HxWxF>-<steps>steps[-offload].json``.
 """
 
@@ -38,7 +40,18 @@ REFERENCE_DIR = Path(
 PROMPT = "A cat and a dog baking a cake together in a kitchen."
 SHIFT = 5.0
 WARMUP_STEPS = 2
+# The step count of the official Lite and Pro sft checkpoints: short runs are also reported extrapolated to it.
+REFERENCE_STEPS = 50
 SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def vae_config(name: str) -> dict:
+    """The official HunyuanVideo VAE config (tiny channels for ``smoke``)."""
+    config = json.loads((REFERENCE_DIR / "checkpoint-pro-5s" / "vae" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    if name == "smoke":
+        config.update(SMOKE_VAE)
+    return config
 
 
 def build_vae_pair(name: str, device: torch.device, dtype: torch.dtype):
@@ -46,16 +59,20 @@ def build_vae_pair(name: str, device: torch.device, dtype: torch.dtype):
     same tensors in both."""
     from diffusers import AutoencoderKLHunyuanVideo as ReferenceVAE
 
-    vae_config = json.loads((REFERENCE_DIR / "checkpoint-pro-5s" / "vae" / "config.json").read_text())
-    vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
-    if name == "smoke":
-        vae_config.update(SMOKE_VAE)
+    config = vae_config(name)
     with torch.device(device):
-        reference_vae = ReferenceVAE(**vae_config).to(dtype).eval().requires_grad_(False)
+        reference_vae = ReferenceVAE(**config).to(dtype).eval().requires_grad_(False)
     with torch.device("meta"):
-        ours_vae = AutoencoderKLHunyuanVideo.from_config(vae_config)
+        ours_vae = AutoencoderKLHunyuanVideo.from_config(config)
     ours_vae.load_state_dict(reference_vae.state_dict(), assign=True)
     return ours_vae.eval().requires_grad_(False), reference_vae
+
+
+def build_our_vae(name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderKLHunyuanVideo:
+    """Our VAE alone, PyTorch's default initialisation (no diffusers import: for checks of ours only)."""
+    with torch.device(device):
+        vae = AutoencoderKLHunyuanVideo.from_config(vae_config(name))
+    return vae.to(dtype).eval().requires_grad_(False)
 
 
 def build_shared_components(name: str, device: torch.device, dtype: torch.dtype) -> dict:
@@ -106,10 +123,13 @@ def build_pipelines(components: dict):
 
     ours = Kandinsky5T2VPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), **components["ours"])
     reference = ReferencePipeline(scheduler=ReferenceScheduler(shift=SHIFT), **components["reference"])
-    return {"diffusers": reference, "kandinsky5": ours}
+    # ours first: a run cut short by a time box (benchmarks/gpu_check.sh) keeps our figures
+    return {"kandinsky5": ours, "diffusers": reference}
 
 
-def run_pipeline(pipe, args, device: torch.device, out_dir: Path, label: str) -> tuple[dict, object]:
+def run_pipeline(
+    pipe, args, device: torch.device, out_dir: Path, label: str, export: bool = True
+) -> tuple[dict, object]:
     step_ends: list[float] = []
 
     def on_step_end(_pipe, _i, _t, tensors):
@@ -133,16 +153,31 @@ def run_pipeline(pipe, args, device: torch.device, out_dir: Path, label: str) ->
     ).frames[0]
     common.synchronize(device)
     sampled_and_decoded = time.perf_counter()
-    export_to_video(frames, str(out_dir / f"{label}.mp4"), fps=24)
+    mp4 = "not asked"
+    try:
+        if export:
+            export_to_video(frames, str(out_dir / f"{label}.mp4"), fps=24)
+            mp4 = "written"
+    except ImportError as error:  # no PyAV (a GPU machine without its wheel): the rest still counts
+        mp4 = f"skipped: {error}"
     end = time.perf_counter()
     steps = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
-    return {
+    row = {
         "end_to_end_seconds": end - start,
         "seconds_per_step": sum(steps) / len(steps) if steps else None,
         "decode_and_export_seconds": end - step_ends[-1],
         "mp4_seconds": end - sampled_and_decoded,
+        "mp4": mp4,
         "peak_memory_gib": common.peak_memory_gib(device),
-    }, frames
+    }
+    if row["seconds_per_step"] is not None:
+        # fixed costs (text encoding, latent set-up, VAE decode, MP4) + REFERENCE_STEPS x the time of one step; the
+        # mean step excludes the first, which also waits for the text encoders
+        row["fixed_seconds"] = row["end_to_end_seconds"] - args.steps * row["seconds_per_step"]
+        row[f"end_to_end_seconds_at_{REFERENCE_STEPS}_steps"] = (
+            row["fixed_seconds"] + REFERENCE_STEPS * row["seconds_per_step"]
+        )
+    return row, frames
 
 
 def time_vae_decode(pipes: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -158,19 +193,26 @@ def time_vae_decode(pipes: dict, args, device: torch.device, dtype: torch.dtype)
     return results
 
 
-def main(argv=None) -> int:
+def run(argv=None, progress: common.Progress | None = None, save: bool = True) -> dict:
+    """Measure, print the table and (unless ``save`` is false or in smoke mode) write the JSON; return the result.
+    ``progress`` receives the result so far after each pipeline."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_run_arguments(parser)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=REFERENCE_STEPS)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--offload", action="store_true", help="enable_model_cpu_offload() on both pipelines")
     parser.add_argument("--only", choices=["both", "kandinsky5", "diffusers"], default="both")
     parser.add_argument("--batched-guidance", action="store_true", help="ours: condition and negative in one call")
     parser.add_argument("--fuse-qkv", action="store_true", help="ours: pipe.fuse_qkv_projections()")
     parser.add_argument("--compile", action="store_true", help="ours: transformer.compile() (regional)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=WARMUP_STEPS, help="steps of the untimed first run of each pipeline"
+    )
+    parser.add_argument(
+        "--skip-vae-timing", action="store_true", help="no separate VAE decode timing (benchmarks/vae.py's job)"
+    )
     args = parser.parse_args(argv)
-    name, device, dtype = common.choose_run(args, parser, height=64, width=64, frames=9, steps=2)
-
+    name, device, dtype = common.choose_run(args, parser, height=32, width=32, frames=5, steps=2)
     pipes = build_pipelines(build_shared_components(name, device, dtype))
     if args.only != "both":
         pipes = {args.only: pipes[args.only]}
@@ -187,17 +229,6 @@ def main(argv=None) -> int:
             for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae):
                 module.to("cpu")
             pipe.enable_model_cpu_offload(device=device)
-    rows, frames = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, pipe in pipes.items():
-            # one short run first: kernel selection, allocator growth, lazy initialisation and compilation are kept
-            # out of the timed run (and reported as warm-up seconds)
-            warmup, _ = run_pipeline(
-                pipe, argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS}), device, Path(tmp), label
-            )
-            rows[label], frames[label] = run_pipeline(pipe, args, device, Path(tmp), label)
-            rows[label]["warmup_seconds"] = warmup["end_to_end_seconds"]
-    decode = {} if args.offload else time_vae_decode(pipes, args, device, dtype)
     # roofline of one step: one DiT forward per guidance branch (text length: the forward benchmark's typical one)
     config = common.CONFIGS[name]
     _, patch_h, patch_w = config["patch_size"]
@@ -207,24 +238,39 @@ def main(argv=None) -> int:
     step_roofline = forwards_per_step * common.roofline_seconds(
         config, common.transformer_flops(config, visual_tokens, TEXT_TOKENS)
     )
-    for row in rows.values():
-        if row["seconds_per_step"]:
-            row["step_roofline_fraction"] = step_roofline / row["seconds_per_step"]
+    rows, frames, decode = {}, {}, {}
     result = {
         **common.environment(),
         "benchmark": "text-to-video pipeline",
         "model": name,
         "size": {"height": args.height, "width": args.width, "frames": args.frames},
         "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
         "guidance_scale": args.guidance,
         "offload": args.offload,
         "batched_guidance": args.batched_guidance,
         "fuse_qkv": args.fuse_qkv,
         "compile": args.compile,
         "dtype": str(dtype),
+        "extrapolation": f"end_to_end_seconds_at_{REFERENCE_STEPS}_steps = fixed_seconds + {REFERENCE_STEPS} x "
+        f"seconds_per_step, fixed_seconds = end_to_end_seconds - {args.steps} x seconds_per_step",
         "results": rows,
         "vae_decode": decode,
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, pipe in pipes.items():
+            # one short run first: kernel selection, allocator growth, lazy initialisation and compilation are kept
+            # out of the timed run (and reported as warm-up seconds); it writes no MP4 (the encoder needs no warming)
+            warmup_args = argparse.Namespace(**{**vars(args), "steps": args.warmup_steps})
+            warmup, _ = run_pipeline(pipe, warmup_args, device, Path(tmp), label, export=False)
+            row, frames[label] = run_pipeline(pipe, args, device, Path(tmp), label)
+            row["warmup_seconds"] = warmup["end_to_end_seconds"]
+            if row["seconds_per_step"]:
+                row["step_roofline_fraction"] = step_roofline / row["seconds_per_step"]
+            rows[label] = row
+            common.report(progress, result)
+    if not (args.offload or args.skip_vae_timing):
+        decode.update(time_vae_decode(pipes, args, device, dtype))
     if len(frames) == 2:
         a, b = (torch.from_numpy(frames[k]) for k in ("kandinsky5", "diffusers"))
         result["frames_relative_l2_vs_diffusers"] = common.relative_l2(a, b)
@@ -239,12 +285,18 @@ def main(argv=None) -> int:
         f"{name} T2V {args.height}x{args.width}x{args.frames}, {args.steps} steps, CFG {args.guidance}, {dtype}"
         + (", model offload" if args.offload else "")
     )
-    print(f"{'':12} {'total s':>9} {'s/step':>8} {'peak GiB':>9} {'roofline':>9}")
+    at = f"at {REFERENCE_STEPS} steps"
+    print(f"{'':12} {'total s':>9} {'s/step':>8} {'fixed s':>8} {at:>12} {'peak GiB':>9} {'roofline':>9}")
     for label, row in rows.items():
         peak = common.cell(row, "peak_memory_gib", ".1f")
         per_step = common.cell(row, "seconds_per_step", ".3f")
+        fixed = common.cell(row, "fixed_seconds", ".2f")
+        extrapolated = common.cell(row, f"end_to_end_seconds_at_{REFERENCE_STEPS}_steps", ".1f")
         roofline = common.cell(row, "step_roofline_fraction", ".2f")
-        print(f"{label:12} {row['end_to_end_seconds']:9.2f} {per_step:>8} {peak:>9} {roofline:>9}")
+        print(
+            f"{label:12} {row['end_to_end_seconds']:9.2f} {per_step:>8} {fixed:>8} {extrapolated:>12} {peak:>9} "
+            f"{roofline:>9}"
+        )
     for label, row in decode.items():
         print(f"VAE decode {label}: {row['seconds']:.2f} s")
     if "frames_relative_l2_vs_diffusers" in result:
@@ -256,8 +308,14 @@ def main(argv=None) -> int:
         "compiled": args.compile,
     }
     suffix = "".join(f"-{option}" for option, on in options.items() if on)
-    tag = f"pipeline-{name}-{args.height}x{args.width}x{args.frames}-{args.steps}steps{suffix}"
-    common.save_results(tag, result, args.smoke)
+    if save:
+        tag = f"pipeline-{name}-{args.height}x{args.width}x{args.frames}-{args.steps}steps{suffix}"
+        common.save_results(tag, result, args.smoke)
+    return result
+
+
+def main(argv=None) -> int:
+    run(argv)
     return 0
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU runs still owed (benchmarks/README.md), in priority order; pass their numbers to run some:
-#   bash benchmarks/run_owed.sh 1 2
-# Each run's JSON lands in benchmarks/results/ (and is copied to $OUT when that is set); a failed run is reported
-# and the next one still runs.
+#   bash benchmarks/run_owed.sh          # run 0: the GPU check (benchmarks/gpu_check.sh), the first thing to run
+#   bash benchmarks/run_owed.sh 1 2      # the full forward and VAE benchmarks (each fits one 10-minute command)
+# Run 0 writes its JSON to $OUT (benchmarks/results/ when unset) itself. The others write to benchmarks/results/;
+# what they wrote is copied to $OUT when that is set. A failed run is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 RUNS=(
-  ""
+  "gpu_check.sh"
   "forward.py --model lite"
   "vae.py"
   "pipeline.py --model lite"
@@ -15,13 +16,31 @@ RUNS=(
   "pipeline.py --model pro --height 768 --width 1024 --steps 2 --offload"
   "attention.py"
 )
+# A machine that received the repository alone (benchmarks/README.md): the carried wheels and reference files.
+SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu-check-site}
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -d "$SITE" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+fi
+if [ -z "${KANDINSKY5_REFERENCE_DIR:-}" ] && [ ! -d ../shared/reference ] && [ -d .reference ]; then
+  export KANDINSKY5_REFERENCE_DIR=$PWD/.reference
+fi
 status=0
-for n in "${@:-1 2 3 4 5 6}"; do
+started=$(mktemp)  # only the JSON written by these runs goes to $OUT (the device brings back 8 files at most)
+for n in "${@:-0}"; do
   run="${RUNS[$n]:-}"
-  if [ -z "$run" ]; then echo "no run $n (1..$((${#RUNS[@]} - 1)))"; status=2; continue; fi
-  echo "== run $n: python benchmarks/$run"
+  if [ -z "$run" ]; then echo "no run $n (0..$((${#RUNS[@]} - 1)))"; status=2; continue; fi
+  if [ "$n" = 0 ]; then
+    echo "== run 0: bash benchmarks/gpu_check.sh"
+    bash benchmarks/gpu_check.sh || { echo "== run 0 failed"; status=1; }
+    continue
+  fi
+  echo "== run $n: python3 benchmarks/$run"
   # shellcheck disable=SC2086
-  python "benchmarks/"$run || { echo "== run $n failed"; status=1; }
+  python3 "benchmarks/"$run || { echo "== run $n failed"; status=1; }
 done
-if [ -n "${OUT:-}" ] && compgen -G "benchmarks/results/*.json" >/dev/null; then cp benchmarks/results/*.json "$OUT"/; fi
+if [ -n "${OUT:-}" ] && [ -d benchmarks/results ] && [ "$(realpath "$OUT")" != "$(realpath benchmarks/results)" ]; then
+  find benchmarks/results -maxdepth 1 -name '*.json' -newer "$started" -exec cp {} "$OUT"/ \;
+fi
+rm -f "$started"
 exit $status
