@@ -43,8 +43,6 @@ NABLA_ATTENTION = dict(
     attention_wW=3,
     attention_wH=3,
 )
-# Frames are compared at this max |difference| in float32 on CPU.
-FRAME_TOLERANCE = 1e-4
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:

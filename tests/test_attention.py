@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_TRANSFORMER
+from tolerances import ATTENTION_KERNEL, assert_close
 
 import kandinsky5.attention.backends as backends
 from kandinsky5.attention import (
@@ -18,8 +19,6 @@ from kandinsky5.attention import (
 )
 from kandinsky5.models.dit import Kandinsky5Transformer3DModel
 
-# Every CPU backend against SDPA's math kernel, float32: the kernels sum in different orders.
-FLOAT32_TOLERANCE = 1e-5
 CUDA_ONLY = ["_native_flash", "flash", "_native_cudnn", "cudnn", "_native_efficient", "efficient"]
 REFERENCE_NAMES = ["native", "flex", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math"]
 
@@ -65,7 +64,7 @@ def test_cpu_backends_equal_math(name):
     q, k, v = qkv(q_len=70, kv_len=9)  # unequal lengths, as in cross-attention; one shape, one flex compile
     with attention_backend(name):
         got = attention(q, k, v)
-    assert (got - math_attention(q, k, v)).abs().max().item() <= FLOAT32_TOLERANCE
+    assert_close(got, math_attention(q, k, v), ATTENTION_KERNEL)  # the kernels sum in different orders
 
 
 @pytest.mark.parametrize("name", ["auto", "native", "math"])
@@ -74,7 +73,7 @@ def test_masked_cpu_backends_equal_math(name):
     mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])[:, None, None, :]
     with attention_backend(name):
         got = attention(q, k, v, mask=mask)
-    assert (got - math_attention(q, k, v, mask)).abs().max().item() <= FLOAT32_TOLERANCE
+    assert_close(got, math_attention(q, k, v, mask), ATTENTION_KERNEL)
     assert (got - attention(q, k, v)).abs().max().item() > 1e-2  # the mask matters
 
 
@@ -168,7 +167,7 @@ def test_flex_with_token_mask_falls_back_with_one_warning(caplog):
     assert len(warnings) == 1
     assert "'flex' takes no token mask" in warnings[0].getMessage()
     expected = math_attention(q, k, v, mask)
-    assert (first - expected).abs().max().item() <= FLOAT32_TOLERANCE
+    assert_close(first, expected, ATTENTION_KERNEL)
     assert torch.equal(first, second)
 
 

@@ -9,6 +9,7 @@ smallest model.
 import pytest
 import torch
 from conftest import NABLA_ATTENTION, TINY_TRANSFORMER, randomize_
+from tolerances import INDUCTOR_FORWARD, NABLA_FORWARD, assert_close
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from kandinsky5.models.dit import Kandinsky5Transformer3DModel
@@ -21,12 +22,6 @@ from kandinsky5.runtime.compile import (
 )
 
 CAPTURE_BACKEND = "aot_eager"
-# Model output, flex_attention against SDPA with the expanded mask, float32: another summation order, amplified by
-# the bfloat16 rounding of rotated queries and keys (as tests/test_transformer.py's NABLA_TOLERANCE).
-NABLA_TOLERANCE = 1e-4
-# Inductor reorders float32 sums; the bfloat16 rounding of rotated queries and keys can turn a last-bit difference
-# into one bfloat16 step, so a few outputs move by up to ~1e-4.
-INDUCTOR_TOLERANCE = 1e-4
 # A sparse NABLA setting for the tiny grids (the checkpoint windows would cover them entirely).
 SPARSE_NABLA = dict(NABLA_ATTENTION, attention_wT=1, attention_P=0.3)
 GRID = (3, 32, 32)  # latent grid: 3 frames x 2 x 2 tiles of 8x8 tokens after the 2x2 patch
@@ -117,7 +112,7 @@ def test_regional_compile_with_nabla(backend):
     if backend == "auto":
         assert torch.equal(got, expected) and graphs == 2
     else:
-        assert (got - expected).abs().max().item() <= NABLA_TOLERANCE
+        assert_close(got, expected, NABLA_FORWARD)  # flex vs SDPA with the expanded mask
 
 
 def test_whole_model_torch_compile_equals_eager():
@@ -136,7 +131,7 @@ def test_regional_inductor_compile_equals_eager():
     inputs = model_inputs(model, grid=(1, 4, 4))
     expected = run(model, **inputs)
     model.compile()
-    assert (run(model, **inputs) - expected).abs().max().item() <= INDUCTOR_TOLERANCE
+    assert_close(run(model, **inputs), expected, INDUCTOR_FORWARD)
 
 
 def test_compile_options():

@@ -1,14 +1,16 @@
 """Fused attention projections (``fuse_qkv_projections``) against the plain model and the reference, float32 CPU.
 
 Fusing changes only how many matrix multiplies read an input, so the fused model must give the plain model's output
-within float32 rounding, keep the checkpoint layout in ``state_dict()``, and load the reference's tensors.
+within float32 rounding, keep the checkpoint layout in ``state_dict()``, and load the reference's tensors. A wider
+matrix multiply may sum in another order (on another BLAS), so the rotated queries and keys may round to bfloat16
+differently: outputs are compared within ``tolerances.BF16_FLIP``.
 """
 
-import numpy as np
 import pytest
 import torch
-from conftest import FRAME_TOLERANCE, NABLA_ATTENTION
-from test_transformer import TOLERANCE, make_pair, nabla_sparse_params, run_both
+from conftest import NABLA_ATTENTION
+from test_transformer import make_pair, nabla_sparse_params, run_both
+from tolerances import BF16_FLIP, PIPELINE_BF16_FLIP, assert_close
 
 from kandinsky5 import Kandinsky5T2VPipeline
 from kandinsky5.loading.diffusers_format import load_component
@@ -30,8 +32,8 @@ def test_fused_forward_equals_plain_and_reference():
     config = ours.config
     assert len(fused_layers(ours)) == config.num_text_blocks + 2 * config.num_visual_blocks
     _, fused = run_both(ref, ours, GRID, batch=2)
-    assert (fused - plain).abs().max().item() <= TOLERANCE
-    assert (fused - expected).abs().max().item() <= TOLERANCE
+    assert_close(fused, plain, BF16_FLIP)
+    assert_close(fused, expected, BF16_FLIP)
     ours.unfuse_qkv_projections()
     assert not fused_layers(ours)
     _, unfused = run_both(ref, ours, GRID, batch=2)
@@ -46,7 +48,7 @@ def test_fused_nabla_forward_equals_plain():
     _, plain = run_both(ref, ours, grid, sparse_params=sparse, reference=False)
     ours.fuse_qkv_projections()
     _, fused = run_both(ref, ours, grid, sparse_params=sparse, reference=False)
-    assert (fused - plain).abs().max().item() <= TOLERANCE
+    assert_close(fused, plain, BF16_FLIP)
 
 
 def test_fused_state_dict_keeps_the_checkpoint_layout(tmp_path):
@@ -74,7 +76,7 @@ def test_reference_tensors_load_into_a_fused_meta_model():
     expected, plain = run_both(ref, ours, GRID)
     _, got = run_both(ref, fused, GRID)
     assert not any(p.is_meta for p in fused.parameters())
-    assert (got - plain).abs().max().item() <= TOLERANCE
+    assert_close(got, plain, BF16_FLIP)
 
 
 def test_fused_query_key_value_refuses_a_context():
@@ -94,7 +96,7 @@ def test_fused_pipeline_matches_reference(reference_checkpoint):
     args = dict(SMALL, prompt=PROMPT, guidance_scale=5.0)
     expected = ref(**args, generator=torch.Generator().manual_seed(3)).frames
     got = pipe(**args, generator=torch.Generator().manual_seed(3)).frames
-    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)
 
 
 def test_fusing_an_offloaded_pipeline_rearms_the_hooks(reference_checkpoint):
@@ -107,4 +109,4 @@ def test_fusing_an_offloaded_pipeline_rearms_the_hooks(reference_checkpoint):
     layers = [getattr(m, FUSED_PROJECTION) for m in fused_layers(pipe.transformer)]
     assert layers and all(layer._forward_pre_hooks for layer in layers)
     got = pipe(**args, generator=torch.Generator().manual_seed(4)).frames
-    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)

@@ -5,7 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import FRAME_TOLERANCE
+from tolerances import PIPELINE_BF16_FLIP, assert_close
 
 from kandinsky5 import Kandinsky5I2VPipeline, Kandinsky5Pipeline, Kandinsky5T2VPipeline
 from kandinsky5.loading.diffusers_format import CheckpointError
@@ -38,6 +38,8 @@ def max_difference(a, b) -> float:
 
 
 # ---------------------------------------------------------------- parity with the reference
+# The DiT is conditioned on the image's VAE encode, which sums in another order than the reference's (tolerances.VAE);
+# that can round rotated queries and keys to bfloat16 differently, so outputs agree within PIPELINE_BF16_FLIP.
 
 
 @pytest.mark.parametrize("num_videos_per_prompt", [1, 2])
@@ -49,7 +51,7 @@ def test_frames_equal(our_i2v_pipeline, reference_i2v_checkpoint, image, guidanc
     expected = run(ref, image, **kwargs)
     got = run(our_i2v_pipeline, image, **kwargs)
     assert got.shape == expected.shape == (num_videos_per_prompt, 17, 32, 48, 3)
-    assert max_difference(got, expected) <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)
     assert expected.std() > 0.01  # a real picture, not a constant
     if num_videos_per_prompt == 2:
         assert max_difference(got[0], got[1]) > 1e-3  # two different videos
@@ -60,7 +62,7 @@ def test_latents_equal_including_renormalised_leading_frames(our_i2v_pipeline, r
     expected = run(ref, WIDE_IMAGE, output_type="latent")
     got = run(our_i2v_pipeline, WIDE_IMAGE, output_type="latent")
     assert got.shape == expected.shape == (1, 5, 4, 6, LATENT_CHANNELS)
-    assert (got - expected).abs().max().item() <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)
 
 
 def test_frames_equal_one_image_per_prompt(our_i2v_pipeline, reference_i2v_checkpoint):
@@ -70,7 +72,7 @@ def test_frames_equal_one_image_per_prompt(our_i2v_pipeline, reference_i2v_check
     expected = run(ref, [SQUARE_IMAGE, WIDE_IMAGE], **kwargs)
     got = run(our_i2v_pipeline, [SQUARE_IMAGE, WIDE_IMAGE], **kwargs)
     assert got.shape == (2, 17, 32, 48, 3)
-    assert max_difference(got, expected) <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)
 
 
 def test_frames_equal_with_a_generator_per_video(our_i2v_pipeline, reference_i2v_checkpoint):
@@ -82,7 +84,7 @@ def test_frames_equal_with_a_generator_per_video(our_i2v_pipeline, reference_i2v
     kwargs = dict(num_videos_per_prompt=2, guidance_scale=1.0)
     expected = run(ref, SQUARE_IMAGE, generator=generators(), **kwargs)
     got = run(our_i2v_pipeline, SQUARE_IMAGE, generator=generators(), **kwargs)
-    assert max_difference(got, expected) <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)
 
 
 def test_full_width_latents_are_used_as_given(our_i2v_pipeline, reference_i2v_checkpoint):
@@ -93,7 +95,7 @@ def test_full_width_latents_are_used_as_given(our_i2v_pipeline, reference_i2v_ch
     expected = run(ref, SQUARE_IMAGE, latents=latents.clone(), guidance_scale=1.0)  # the reference writes into it
     before = latents.clone()
     got = run(our_i2v_pipeline, SQUARE_IMAGE, latents=latents, guidance_scale=1.0)
-    assert max_difference(got, expected) <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)
     assert torch.equal(latents, before)
 
 

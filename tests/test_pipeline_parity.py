@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import FRAME_TOLERANCE
+from tolerances import FORWARD_REORDER, PIPELINE, PIPELINE_BF16_FLIP, UINT8_ROUNDING, assert_close
 
 from kandinsky5 import Kandinsky5T2VPipeline
 
@@ -23,7 +23,7 @@ def test_frames_equal_batch_1(our_pipeline, reference_checkpoint, guidance_scale
     expected = run(ref, guidance_scale=guidance_scale)
     got = run(our_pipeline, guidance_scale=guidance_scale)
     assert got.shape == expected.shape == (1, 5, 32, 48, 3)
-    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE)
     assert expected.std() > 0.01  # a real picture, not a constant
 
 
@@ -32,7 +32,7 @@ def test_frames_equal_two_videos_per_prompt(our_pipeline, reference_checkpoint):
     expected = run(ref, num_videos_per_prompt=2, guidance_scale=4.0)
     got = run(our_pipeline, num_videos_per_prompt=2, guidance_scale=4.0)
     assert got.shape == expected.shape == (2, 5, 32, 48, 3)
-    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE)
     assert np.abs(got[0] - got[1]).max() > 1e-3  # two different videos
 
 
@@ -41,7 +41,7 @@ def test_latents_equal(our_pipeline, reference_checkpoint):
     expected = run(ref, output_type="latent")
     got = run(our_pipeline, output_type="latent")
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= FRAME_TOLERANCE
+    assert_close(got, expected, FORWARD_REORDER)  # the DiT does the reference's arithmetic; no VAE
 
 
 def test_pt_and_pil_outputs_agree_with_np(our_pipeline):
@@ -51,7 +51,7 @@ def test_pt_and_pil_outputs_agree_with_np(our_pipeline):
     assert frames_pt.shape == (1, 5, 3, 32, 48)
     assert np.abs(frames_pt.permute(0, 1, 3, 4, 2).numpy() - frames_np).max() == 0
     assert len(frames_pil) == 1 and len(frames_pil[0]) == 5 and frames_pil[0][0].size == (48, 32)
-    assert np.abs(np.asarray(frames_pil[0][2]) / 255.0 - frames_np[0, 2]).max() <= 0.5 / 255 + 1e-6
+    assert np.abs(np.asarray(frames_pil[0][2]) / 255.0 - frames_np[0, 2]).max() <= UINT8_ROUNDING
 
 
 def test_precomputed_embeddings_give_same_video(our_pipeline):
@@ -117,7 +117,7 @@ def test_nabla_checkpoint_frames_equal(reference_nabla_checkpoint):
     finally:
         ref.transformer.set_attention_backend("native")
     got = run(ours, **kwargs)
-    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE_BF16_FLIP)  # flex against SDPA
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_frames_equal_through_the_framewise_vae_decode(our_pipeline, reference_c
     expected = run(ref, **kwargs)
     got = run(our_pipeline, **kwargs)
     assert got.shape == (1, num_frames, height, width, 3)
-    assert np.abs(got - expected).max() <= FRAME_TOLERANCE
+    assert_close(got, expected, PIPELINE)
 
 
 def test_batch_of_different_length_prompts_equals_each_alone(our_pipeline):
@@ -146,7 +146,7 @@ def test_batch_of_different_length_prompts_equals_each_alone(our_pipeline):
     batch = run(our_pipeline, prompt=prompts, generator=generators)
     for i, prompt in enumerate(prompts):
         alone = run(our_pipeline, prompt=prompt, generator=torch.Generator().manual_seed(11 + i))
-        assert np.abs(batch[i] - alone[0]).max() <= FRAME_TOLERANCE
+        assert_close(batch[i], alone[0], PIPELINE_BF16_FLIP)  # batches of two and of one sum in other orders
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_latents_equal_in_both_rope_scale_classes(our_pipeline, reference_checkp
     expected = run(ref, **kwargs)
     got = run(our_pipeline, **kwargs)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= FRAME_TOLERANCE
+    assert_close(got, expected, FORWARD_REORDER)
 
 
 def test_nabla_ten_second_latents_equal(reference_nabla_checkpoint, monkeypatch):
@@ -185,9 +185,10 @@ def test_nabla_ten_second_latents_equal(reference_nabla_checkpoint, monkeypatch)
         ref.transformer.set_attention_backend("native")
     got = run(ours, **kwargs)
     assert got.shape == expected.shape == (1, 61, 16, 16, 16)
-    # Block selection is discontinuous: float32 rounding between the reference's flex arithmetic and our SDPA in
-    # one layer can flip, in the next, a block whose softmax mass sits right at the P threshold. Such a block holds
-    # little mass, so: all but a few elements within 1e-5, none beyond 1e-3 (a wrong map would be far off).
-    difference = (got - expected).abs()
-    assert (difference > 1e-5).float().mean().item() <= 1e-3
-    assert difference.max().item() <= 1e-3
+    # The reference's flex arithmetic and our SDPA sum in other orders, so a rotated query or key element can round
+    # to bfloat16 differently (tolerances.BF16_FLIP). Such flips are rare (a float32 value must lie within a last-bit
+    # difference of a bfloat16 rounding midpoint, a chance of about EPS / BF16_EPS = 2**-16 per element): all but a
+    # few elements (0.1 %) agree as a float32 forward does, and none beyond PIPELINE_BF16_FLIP. A wrong block map
+    # would be far off (tests/test_nabla.py).
+    assert ((got - expected).abs() > FORWARD_REORDER.bound(expected)).float().mean().item() <= 1e-3
+    assert_close(got, expected, PIPELINE_BF16_FLIP)
