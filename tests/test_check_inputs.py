@@ -7,6 +7,8 @@ import torch
 
 GOOD = dict(prompt="a cat", height=32, width=48, num_frames=5, num_inference_steps=2, output_type="latent")
 EMBEDS = torch.zeros(1, 3, 32)
+# precomputed text of the tiny model's widths (Qwen 32, CLIP 24), three tokens
+TEXT = dict(prompt_embeds_qwen=EMBEDS, prompt_embeds_clip=torch.zeros(1, 24), prompt_cu_seqlens=torch.tensor([0, 3]))
 
 
 @pytest.fixture
@@ -42,6 +44,19 @@ CASES = [
     ("generator", dict(generator=[torch.Generator(), torch.Generator(), torch.Generator()])),
     ("generator", dict(generator=42)),
     ("latents", dict(latents=[1, 2])),
+    ("guidance_scale", dict(guidance_scale=float("nan"))),
+    ("guidance_scale", dict(guidance_scale=True)),
+    ("prompt", dict(prompt="")),
+    ("prompt", dict(prompt=["ok", "  "])),
+    ("callback_on_step_end", dict(callback_on_step_end=5)),
+    ("generator", dict(generator=[])),
+    ("max_sequence_length", dict(max_sequence_length="long")),
+    ("num_inference_steps", dict(num_inference_steps=2.5)),
+    ("prompt_cu_seqlens", dict(prompt=None, **dict(TEXT, prompt_cu_seqlens=torch.tensor([1, 3])))),
+    ("prompt_cu_seqlens", dict(prompt=None, **dict(TEXT, prompt_cu_seqlens=torch.tensor([0, 4])))),
+    ("prompt_embeds_qwen", dict(prompt=None, **dict(TEXT, prompt_embeds_qwen=torch.zeros(1, 3, 31)))),
+    ("prompt_embeds_clip", dict(prompt=None, **dict(TEXT, prompt_embeds_clip=torch.zeros(1, 23)))),
+    ("prompt_cu_seqlens", dict(prompt=None, **dict(TEXT, prompt_cu_seqlens=[0, 3]))),
 ]
 
 
@@ -62,3 +77,11 @@ def test_num_frames_rounded_with_warning(our_pipeline, caplog):
         latents = our_pipeline(**dict(GOOD, num_frames=7, guidance_scale=1.0)).frames
     assert latents.shape[1] == 2  # 7 -> 5 frames -> 2 latent frames, as the reference rounds
     assert any("num_frames" in r.getMessage() for r in caplog.records)
+
+
+def test_numpy_integers_and_floats_are_numbers(our_pipeline):
+    import numpy as np
+
+    sizes = dict(height=np.int64(32), width=np.int32(48), num_frames=np.int64(5), num_inference_steps=np.int16(1))
+    got = our_pipeline(**dict(GOOD, **sizes, guidance_scale=np.float32(1.0))).frames
+    assert got.shape == (1, 2, 4, 6, 16)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 import torch
 
 from kandinsky5.io.preprocess import count_images
-from kandinsky5.models.text_encoders import MAX_SEQUENCE_LENGTH_LIMIT
+from kandinsky5.models.text_encoders import MAX_SEQUENCE_LENGTH_LIMIT as LIMIT
 from kandinsky5.pipelines.output import OUTPUT_TYPES
 from kandinsky5.resolutions import SIZE_MULTIPLE, SizeError, check_size
 from kandinsky5.sampling.guidance import NO_GUIDANCE_SCALE
@@ -42,6 +44,15 @@ CALLBACK_TENSOR_INPUTS = (
     "negative_prompt_embeds_clip",
 )
 DEFAULT_CALLBACK_TENSOR_INPUTS = ("latents",)
+# Integer parameters: any integral type (numpy's too) is taken as a Python int.
+INTEGER_PARAMETERS = (
+    "height",
+    "width",
+    "num_frames",
+    "num_inference_steps",
+    "num_videos_per_prompt",
+    "max_sequence_length",
+)
 # Each branch's precomputed text: the three tensors come together or not at all.
 EMBEDDING_PARTS = ("embeds_qwen", "embeds_clip", "cu_seqlens")
 
@@ -67,6 +78,9 @@ class ModelFacts:
     noise_channels: int = 16
     # noise, then (image-conditioned models) condition channels and a mask channel
     latent_channels: int = 33
+    # the widths of the Qwen hidden states and the CLIP pooled output the transformer takes (None: not known)
+    text_dim: int | None = None
+    pooled_text_dim: int | None = None
 
     @classmethod
     def of_pipeline(cls, pipe) -> ModelFacts:
@@ -80,6 +94,8 @@ class ModelFacts:
             spatial_patch=config.patch_size[1],
             noise_channels=config.in_visual_dim,
             latent_channels=config.visual_input_dim,
+            text_dim=config.in_text_dim,
+            pooled_text_dim=config.in_text_dim2,
         )
 
     @property
@@ -124,7 +140,7 @@ class GenerationRequest:
         unknown = sorted(set(arguments) - known)
         if unknown:
             raise TypeError(f"got unexpected keyword arguments {unknown}")
-        request = cls(**arguments).with_defaults(facts.variant)
+        request = cls(**arguments).with_defaults(facts.variant).with_python_numbers()
         check_arguments(request)
         request = request.with_rounded_frames(facts.temporal_compression)
         request.check(facts)
@@ -149,6 +165,19 @@ class GenerationRequest:
             output_type=self.output_type or DEFAULT_OUTPUT_TYPE,
             callback_on_step_end_tensor_inputs=list(tensor_inputs or DEFAULT_CALLBACK_TENSOR_INPUTS),
         )
+
+    def with_python_numbers(self) -> GenerationRequest:
+        """Integral values of the integer parameters (``numpy.int64``, say) as ``int``, a real guidance scale as
+        ``float``; ``bool`` and everything else are left for the checks to name."""
+        numbers = {
+            name: int(value)
+            for name in INTEGER_PARAMETERS
+            if isinstance(value := getattr(self, name), Integral) and not isinstance(value, bool)
+        }
+        scale = self.guidance_scale
+        if isinstance(scale, Real) and not isinstance(scale, bool):
+            numbers["guidance_scale"] = float(scale)
+        return dataclasses.replace(self, **numbers)
 
     def with_rounded_frames(self, temporal_compression: int) -> GenerationRequest:
         """``num_frames - 1`` made a multiple of the VAE's temporal compression, as the reference rounds it."""
@@ -215,6 +244,7 @@ class GenerationRequest:
             raise RequestError(err.parameter, str(err)) from err
         if facts.variant is not None:
             facts.variant.warn_if_untrained(self.height, self.width)
+        check_embeddings(self, facts)
         check_batch(self)
         check_latents(self, facts)
         check_image(self, facts)
@@ -239,13 +269,25 @@ def check_arguments(request: GenerationRequest) -> None:
     for name, value, hint in positive:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RequestError(name, f"`{name}` must be a positive integer{hint}, got {value!r}")
-    if isinstance(request.guidance_scale, bool) or not isinstance(request.guidance_scale, int | float):
-        raise RequestError("guidance_scale", f"`guidance_scale` must be a number, got {request.guidance_scale!r}")
+    if not isinstance(request.guidance_scale, float) or not math.isfinite(request.guidance_scale):
+        raise RequestError(
+            "guidance_scale",
+            f"`guidance_scale` must be a finite number (1 turns guidance off), got {request.guidance_scale!r}",
+        )
+    if request.prompt is not None and not all(p.strip() for p in request.prompt):
+        raise RequestError("prompt", "`prompt` must not be empty: describe the video")
+    callback = request.callback_on_step_end
+    if callback is not None and not callable(callback):
+        raise RequestError(
+            "callback_on_step_end",
+            f"`callback_on_step_end` must be callable as callback(pipe, step, timestep, tensors), got {callback!r}",
+        )
     if request.output_type not in OUTPUT_TYPES:
         raise RequestError("output_type", f"`output_type` must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
     generator = request.generator
-    if generator is not None and not isinstance(generator, torch.Generator | list):
-        raise RequestError("generator", "`generator` must be a torch.Generator or a list of them")
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not (generators and all(isinstance(g, torch.Generator) for g in generators)):
+        raise RequestError("generator", "`generator` must be a torch.Generator or a non-empty list of them")
     if request.latents is not None and not isinstance(request.latents, torch.Tensor):
         raise RequestError("latents", "`latents` must be a torch.Tensor")
 
@@ -265,10 +307,11 @@ def check_reference_inputs(
     max_sequence_length=None,
 ) -> None:
     """The reference's ``check_inputs``: :class:`RequestError` naming the parameter."""
-    if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:
+    length = max_sequence_length
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= LIMIT):
         raise RequestError(
             "max_sequence_length",
-            f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH_LIMIT}, got {max_sequence_length}",
+            f"max_sequence_length must be an integer between 1 and {LIMIT}, got {max_sequence_length!r}",
         )
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value % SIZE_MULTIPLE:
@@ -332,6 +375,36 @@ def check_batch(request: GenerationRequest) -> None:
             f"`generator` is a list of {len(generator)} generators, but the effective batch size "
             f"(prompts x num_videos_per_prompt) is {request.num_videos}; pass one generator or one per video.",
         )
+
+
+def check_embeddings(request: GenerationRequest, facts: ModelFacts) -> None:
+    """Precomputed embeddings fit the model's text widths, and their ``cu_seqlens`` describe their rows."""
+    for branch in ("prompt", "negative_prompt"):
+        parts = request.embeddings(branch)
+        if parts is None:
+            continue
+        for part, value in zip(EMBEDDING_PARTS, parts, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise RequestError(f"{branch}_{part}", f"`{branch}_{part}` must be a torch.Tensor, got {type(value)}")
+        qwen, clip, cu_seqlens = parts
+        for name, tensor, width in (
+            (f"{branch}_embeds_qwen", qwen, facts.text_dim),
+            (f"{branch}_embeds_clip", clip, facts.pooled_text_dim),
+        ):
+            expected_ndim = 3 if name.endswith("qwen") else 2
+            if tensor.ndim != expected_ndim or (width is not None and tensor.shape[-1] != width):
+                raise RequestError(
+                    name,
+                    f"`{name}` must have {expected_ndim} dimensions, the last of width {width}, "
+                    f"got {tuple(tensor.shape)}",
+                )
+        lengths = cu_seqlens.diff()
+        if int(cu_seqlens[0]) != 0 or bool((lengths < 1).any()) or bool((lengths > qwen.shape[1]).any()):
+            raise RequestError(
+                f"{branch}_cu_seqlens",
+                f"`{branch}_cu_seqlens` must start at 0 and step by each row's token count, 1 to {qwen.shape[1]} "
+                f"(the length of `{branch}_embeds_qwen`), got {cu_seqlens.tolist()}",
+            )
 
 
 def check_latents(request: GenerationRequest, facts: ModelFacts) -> None:
