@@ -170,3 +170,15 @@ def test_run_control_rejects_bad_preview_settings():
         RunControl(preview_every=-1)
     with pytest.raises(ValueError, match="on_preview"):
         RunControl(preview_every=2)
+
+
+@pytest.mark.parametrize("returned", [[1, 2], {"latents": torch.zeros(1)}])
+def test_a_callback_returning_something_unusable_names_itself_and_the_step(our_pipeline, returned):
+    from kandinsky5.pipelines.adapters import CallbackError
+
+    def bad(pipe, step, timestep, tensors):
+        return tensors if step == 0 else returned
+
+    with pytest.raises(CallbackError, match="callback_on_step_end.*step 1") as raised:
+        our_pipeline(**seeded(guidance_scale=1.0, output_type="latent"), callback_on_step_end=bad)
+    assert raised.value.step == 1 and raised.value.latents.shape[:4] == (1, 2, 4, 6)  # the latents so far, kept

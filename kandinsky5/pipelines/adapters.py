@@ -53,7 +53,8 @@ class StepCallback:
         condition = guidance.condition
         negative: TextConditioning | None = getattr(guidance, "negative", None)
         tensors = {"latents": latents, **text_tensors("prompt", condition), **text_tensors("negative_prompt", negative)}
-        outputs = self.callback(self.pipe, step, timestep, {k: tensors[k] for k in self.tensor_inputs}) or {}
+        outputs = self.callback(self.pipe, step, timestep, {k: tensors[k] for k in self.tensor_inputs})
+        outputs = check_callback_outputs(outputs, step, latents)
         if self.pipe.interrupt:
             self.control.interrupt()
         latents = outputs.pop("latents", latents)
@@ -62,6 +63,40 @@ class StepCallback:
         if new_condition is not condition or new_negative is not negative:
             guidance = guidance.with_text(new_condition, new_negative)
         return latents, guidance
+
+
+class CallbackError(ValueError):
+    """``callback_on_step_end`` returned something the run cannot use; ``latents`` holds the latents after the
+    step it failed at (nothing sampled is lost)."""
+
+    def __init__(self, message: str, step: int, latents: torch.Tensor):
+        super().__init__(message)
+        self.step = step
+        self.latents = latents
+
+
+def check_callback_outputs(outputs, step: int, latents: torch.Tensor) -> dict:
+    """A copy of what a step callback returned (``None``: nothing replaced); :class:`CallbackError` unless it is a
+    dict whose tensors keep the shapes of those they replace."""
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, dict):
+        raise CallbackError(
+            f"`callback_on_step_end` returned a {type(outputs).__name__} at step {step}; it must return a dict of "
+            "tensors (those of `callback_on_step_end_tensor_inputs` it replaces) or None",
+            step,
+            latents,
+        )
+    replaced = outputs.get("latents")
+    if replaced is not None and (not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape):
+        got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced).__name__
+        raise CallbackError(
+            f"`callback_on_step_end` returned latents of {got} at step {step}; they must keep the shape "
+            f"{tuple(latents.shape)}",
+            step,
+            latents,
+        )
+    return dict(outputs)
 
 
 def text_tensors(branch: str, text: TextConditioning | None) -> dict[str, Any]:
