@@ -6,7 +6,6 @@ import sys
 from types import SimpleNamespace
 
 import av
-import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -171,7 +170,13 @@ class FakePipeline:
 
     def generate(self, request, control):
         self.calls.append(request)
-        return SimpleNamespace(frames=[np.zeros((5, 16, 16, 3), dtype=np.float32)])
+        return SimpleNamespace(frames=torch.zeros(1, 2, 2, 2, 16))  # output_type="latent"
+
+    def decode_latents(self, latents):
+        return torch.zeros(1, 3, 5, 16, 16)  # 5 frames of 16x16
+
+    def maybe_free_model_hooks(self):
+        pass
 
 
 @pytest.fixture

@@ -1,13 +1,15 @@
-"""The ``kandinsky5`` command: ``generate`` a video, list the official ``models``, write a ``tiny-checkpoint`` for
-offline demos and tests.
+"""The ``kandinsky5`` command: ``generate`` a video, ``decode`` the latents a failed generate kept, list the official
+``models``, write a ``tiny-checkpoint`` for offline demos and tests.
 
-Everything a user can get wrong is checked before a model is loaded; a generation that finished is never lost.
+Everything a user can get wrong is checked before a model is loaded; a generation that finished is never lost: when
+decoding or writing fails, the sampled latents are kept for ``decode``.
 Options left out take the model's recommended values (kandinsky5/variants.py), else the reference's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -15,10 +17,11 @@ from pathlib import Path
 from kandinsky5.variants import FPS as DEFAULT_FPS
 from kandinsky5.variants import VARIANTS, Task, Variant
 
-SUBCOMMANDS = ("generate", "models", "tiny-checkpoint")
+SUBCOMMANDS = ("generate", "decode", "models", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_MODES = ("none", "model", "sequential")
 VAE_TILING_MODES = ("auto", "on", "off")
+DEFAULT_QUALITY = 9.0
 # request parameters -> the options that set them
 OPTION_OF_PARAMETER = {
     "prompt": "PROMPT",
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     gen.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
-    gen.add_argument("--quality", type=float, default=9.0, help="video quality 0..10 (default 9)")
+    gen.add_argument("--quality", type=float, default=DEFAULT_QUALITY, help="video quality 0..10 (default 9)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.add_argument(
@@ -112,6 +115,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="spatial tiles in the VAE decode: auto (only when GPU memory is short; default), on, off",
     )
     gen.add_argument(
+        "--vae-channels-last", action="store_true", help="run the VAE's convolutions on channels-last activations"
+    )
+
+    dec = sub.add_parser(
+        "decode",
+        help="decode latents kept by a failed `generate` into the video",
+        description="When decoding or writing a video fails, `generate` keeps the sampled latents beside the video "
+        "(VIDEO.latents.safetensors) and prints this command. Only the model's VAE is loaded; the video is the one "
+        "`generate` would have written.",
+    )
+    dec.add_argument("latents", help="a .latents.safetensors file written by `kandinsky5 generate`")
+    dec.add_argument(
+        "--model",
+        required=True,
+        help="the model the latents were sampled with: short name, hub id or local checkpoint directory",
+    )
+    dec.add_argument("--out", required=True, help="output .mp4 path")
+    dec.add_argument("--fps", type=int, default=None, help="frames per second (default: the generate run's)")
+    dec.add_argument("--quality", type=float, default=None, help="video quality 0..10 (default: the generate run's)")
+    dec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    dec.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
+    dec.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default="none",
+        help="model: the VAE rests on the CPU and visits the GPU to decode; sequential: layer by layer",
+    )
+    dec.add_argument(
+        "--vae-tiling",
+        choices=VAE_TILING_MODES,
+        default="auto",
+        help="spatial tiles in the VAE decode: auto (only when GPU memory is short; default), on, off",
+    )
+    dec.add_argument(
         "--vae-channels-last", action="store_true", help="run the VAE's convolutions on channels-last activations"
     )
 
@@ -282,17 +319,30 @@ def cmd_generate(args) -> int:
 
     from transformers.utils import logging as transformers_logging
 
+    from kandinsky5.sampling.control import Phase, RunControl
+
     transformers_logging.disable_progress_bar()  # one progress bar: ours, for sampling
     start = time.perf_counter()
     pipe = load_pipeline(args, request, device, dtype)
-    loaded = time.perf_counter()
+    load_s = time.perf_counter() - start
     # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
-    request = encoded_once(pipe, request)
-    for seed, out in zip(args.seed, args.outputs, strict=True):
-        code = generate_one(args, pipe, request, seed, out, start, loaded)
-        if code:
-            return code
-    return 0
+    encoding = PhaseTimes()
+    with RunControl(on_progress=encoding).phase(Phase.ENCODE_TEXT):
+        request = encoded_once(pipe, request)
+    results: list[SeedResult] = []
+    try:
+        for seed, out in zip(args.seed, args.outputs, strict=True):
+            results.append(generate_one(args, pipe, request, seed, out, device))
+    finally:  # also when interrupted: what was done, and what was kept
+        failed = sum(not result.ok for result in results)
+        print(
+            f"kandinsky5: {len(results)} of {len(args.seed)} seed(s) run, {failed} failed; load {load_s:.1f} s, "
+            f"text encode {encoding.seconds(Phase.ENCODE_TEXT):.1f} s (once), "
+            f"total {time.perf_counter() - start:.1f} s"
+        )
+        for result in results:
+            print(result.line)
+    return 1 if failed else 0
 
 
 def load_pipeline(args, request, device, dtype):
@@ -340,36 +390,183 @@ def encoded_once(pipe, request):
     return dataclasses.replace(request, prompt=None, negative_prompt=None, **embeds)
 
 
-def generate_one(args, pipe, request, seed: int, out: Path, start: float, loaded: float) -> int:
-    """One video of ``request`` from ``seed``, written to ``out``; a summary line. A video that cannot be written
-    is kept as a ``.npy`` file beside it."""
-    import dataclasses
+class PhaseTimes:
+    """Seconds spent in each phase of a run, from its progress events (a :class:`RunControl` listener), and the
+    times the denoising steps ended."""
 
+    def __init__(self):
+        self._started: dict = {}
+        self._seconds: dict = {}
+        self.step_ends: list[float] = []
+
+    def __call__(self, event) -> None:
+        from kandinsky5.sampling.control import Phase
+
+        if event.phase is Phase.DENOISE:
+            self.step_ends.append(event.elapsed_s)
+        if event.completed == 0:
+            self._started[event.phase] = event.elapsed_s
+        if event.finished and event.phase in self._started:
+            spent = event.elapsed_s - self._started.pop(event.phase)
+            self._seconds[event.phase] = self._seconds.get(event.phase, 0.0) + spent
+
+    def seconds(self, phase) -> float:
+        """The seconds ``phase`` took (0 if it never finished)."""
+        return self._seconds.get(phase, 0.0)
+
+    def ran(self, phase) -> bool:
+        return phase in self._seconds
+
+    def seconds_per_step(self) -> float:
+        steps = len(self.step_ends) - 1  # the first event is the phase's start
+        return (self.step_ends[-1] - self.step_ends[0]) / steps if steps > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedResult:
+    """How one seed of ``generate`` went: ``line`` is its summary line."""
+
+    seed: int
+    ok: bool
+    line: str
+
+
+# Longest error text a one-line report quotes (CUDA's out-of-memory messages run to several hundred characters).
+MAX_REASON_CHARS = 240
+
+
+def one_line(err: BaseException) -> str:
+    """``err`` as ``Type: message`` on one line, shortened to ``MAX_REASON_CHARS``."""
+    reason = " ".join(f"{type(err).__name__}: {err}".split()).removesuffix(":")
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+def decode_frames(decode_latents, latents):
+    """The first video of ``latents`` decoded as the pipeline's ``output_type="np"`` gives it: ``(frames, H, W, 3)``
+    float32 in [0, 1]. ``decode_latents`` is a pipeline's (``Kandinsky5PipelineBase.decode_latents``)."""
     import torch
 
-    from kandinsky5.io import export_to_video, save_frames_fallback
-    from kandinsky5.sampling.control import Phase, RunControl
+    from kandinsky5.pipelines.output import postprocess_video
 
-    step_ends: list[float] = []
-    control = RunControl(on_progress=lambda e: step_ends.append(e.elapsed_s) if e.phase is Phase.DENOISE else None)
-    seeded = dataclasses.replace(request, generator=torch.Generator("cpu").manual_seed(seed))
-    frames = pipe.generate(seeded, control).frames[0]
-    generated = control.elapsed_s
+    with torch.no_grad():
+        return postprocess_video(decode_latents(latents), "np")[0]
+
+
+def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResult:
+    """One video of ``request`` from ``seed``, written to ``out``.
+
+    Sampling and decoding are separate steps, so that the sampled latents outlive a failed decode or write: they are
+    then kept beside ``out`` (kandinsky5/cli/latents.py), and one line on stderr says what failed and how to decode
+    them later (``kandinsky5 decode``). A failed write also keeps the frames as a ``.npy`` file. A failure is
+    returned (the next seed runs); a cancellation or interrupt is raised again once the latents are safe.
+    """
+    import torch
+
+    from kandinsky5.io import export_to_video
+    from kandinsky5.runtime.offload import release_cached_memory
+    from kandinsky5.sampling.control import GenerationCancelled, Phase, RunControl
+
+    times = PhaseTimes()
+    control = RunControl(on_progress=times)
+    seeded = dataclasses.replace(
+        request, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", return_dict=True
+    )
     try:
+        # the latents after the pipeline's finalize_latents: what its own decode would receive
+        latents = pipe.generate(seeded, control).frames
+    except GenerationCancelled:
+        raise
+    except Exception as err:
+        release_cached_memory(device)
+        print(f"kandinsky5: error: seed {seed}: sampling failed ({one_line(err)}); nothing to keep", file=sys.stderr)
+        return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: sampling ({type(err).__name__}); nothing kept")
+    stage, frames = Phase.DECODE, None
+    try:
+        with control.phase(Phase.DECODE):
+            frames = decode_frames(pipe.decode_latents, latents)
+        pipe.maybe_free_model_hooks()
+        stage = Phase.WRITE
         with control.phase(Phase.WRITE):
             export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
-    except Exception as err:
-        kept = save_frames_fallback(frames, out)
-        print(f"kandinsky5: error: writing {out} failed ({err}); the frames were kept in {kept}", file=sys.stderr)
-        return 1
-    steps = len(step_ends) - 1  # the first event is the phase's start
-    per_step = (step_ends[-1] - step_ends[0]) / steps if steps > 0 else float("nan")
-    print(
-        f"{out}: {request.width}x{request.height}, {len(frames)} frames at {args.fps} fps, seed {seed}, "
-        f"{request.num_inference_steps} steps at {per_step:.2f} s/step, load {loaded - start:.1f} s, "
-        f"generate {generated:.1f} s, total {time.perf_counter() - start:.1f} s"
+    except BaseException as err:
+        pipe.maybe_free_model_hooks()
+        release_cached_memory(device)
+        kept = keep_after_failure(args, request, seed, out, latents, frames, err)
+        what = "decoding" if stage is Phase.DECODE else f"writing {out}"
+        print(f"kandinsky5: error: seed {seed}: {what} failed ({one_line(err)}); {kept}", file=sys.stderr)
+        if not isinstance(err, Exception) or isinstance(err, GenerationCancelled):
+            raise
+        return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: {stage} ({type(err).__name__}); {kept}")
+    frames_count, height, width, _ = frames.shape
+    image = times.seconds(Phase.ENCODE_IMAGE)
+    line = (
+        f"{out}: ok, seed {seed}, {width}x{height}, {frames_count} frames at {args.fps} fps, "
+        f"{request.num_inference_steps} steps at {times.seconds_per_step():.2f} s/step; "
+        + (f"image encode {image:.1f} s, " if times.ran(Phase.ENCODE_IMAGE) else "")
+        + f"sampling {times.seconds(Phase.DENOISE):.1f} s, decode {times.seconds(Phase.DECODE):.1f} s, "
+        f"write {times.seconds(Phase.WRITE):.1f} s"
     )
-    return 0
+    return SeedResult(seed, True, line)
+
+
+def keep_after_failure(args, request, seed: int, out: Path, latents, frames, err: BaseException) -> str:
+    """Save what a failed decode or write leaves (the latents; the frames too when they were decoded) and say
+    where, with the command that decodes the latents later."""
+    import torch
+
+    from kandinsky5.cli.latents import save_latents
+    from kandinsky5.io import save_frames_fallback
+
+    said = []
+    if frames is not None:
+        try:
+            said.append(f"the frames are kept in {save_frames_fallback(frames, out)}")
+        except Exception as frames_err:
+            said.append(f"the frames could not be kept ({one_line(frames_err)})")
+    metadata = dict(
+        fps=args.fps,
+        quality=args.quality,
+        model=args.model,
+        seed=seed,
+        prompt=args.prompt,
+        image=args.image,
+        height=request.height,
+        width=request.width,
+        num_frames=request.num_frames,
+        video=out,
+    )
+    try:
+        path = save_latents(latents, out, metadata)
+    except Exception as save_err:
+        said.append(f"the sampled latents could not be kept ({one_line(save_err)})")
+        return "; ".join(said)
+    out_of_memory = isinstance(err, torch.OutOfMemoryError)
+    said.append(
+        f"the sampled latents are kept in {path}; decode them with: {decode_command(args, path, out, out_of_memory)}"
+    )
+    return "; ".join(said)
+
+
+def decode_command(args, latents: Path, out: Path, out_of_memory: bool = False) -> str:
+    """The ``kandinsky5 decode`` command line that turns kept latents into the video ``generate`` meant to write,
+    with the options of this run that matter to decoding (forced VAE tiling after an out-of-memory error)."""
+    import shlex
+
+    model = Path(args.model).expanduser()
+    parts = ["kandinsky5", "decode", str(latents), "--model", str(model.absolute() if model.is_dir() else args.model)]
+    parts += ["--out", str(out)]
+    if args.device != "auto":
+        parts += ["--device", args.device]
+    if args.dtype != "auto":
+        parts += ["--dtype", args.dtype]
+    if args.offload != "none":
+        parts += ["--offload", args.offload]
+    tiling = "on" if out_of_memory else args.vae_tiling
+    if tiling != "auto":
+        parts += ["--vae-tiling", tiling]
+    if args.vae_channels_last:
+        parts.append("--vae-channels-last")
+    return shlex.join(parts)
 
 
 def embedding_kwargs(prefix: str, embeds) -> dict:
@@ -385,6 +582,133 @@ def output_paths(out: Path, seeds: list[int]) -> list[Path]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seed: repeated seeds {seeds}")
     return [out.with_name(f"{out.stem}-seed{seed}{out.suffix}") for seed in seeds]
+
+
+def _validate_decode(args):
+    """Every check of ``decode`` that loads no model: the latents file (ours, with latents of one video), the output
+    path, the export options, the device and the checkpoint's VAE folder (its config fits the latents). Sets
+    ``args.fps``/``args.quality`` (default: the generate run's, stored in the file) and ``args.vae_folder``; returns
+    the file's header."""
+    from kandinsky5.cli.latents import LatentsFileError, read_header
+    from kandinsky5.io import check_output_path
+
+    try:
+        header = read_header(args.latents)
+    except LatentsFileError as err:
+        raise UsageError(str(err)) from err
+    try:
+        args.out = check_output_path(args.out)
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from err
+    if args.fps is None:
+        args.fps = int(header.number("fps", DEFAULT_FPS))
+    if args.fps < 1:
+        raise UsageError(f"--fps must be >= 1, got {args.fps}")
+    if args.quality is None:
+        args.quality = header.number("quality", DEFAULT_QUALITY)
+    if not 0 <= args.quality <= 10:
+        raise UsageError(f"--quality must be within 0..10, got {args.quality}")
+    args.variant, _ = _resolve_model(args)
+    args.vae_folder = _vae_folder(args, header)
+    return header
+
+
+def _vae_folder(args, header) -> Path:
+    """The ``vae/`` folder of ``--model`` (a hub id is fetched to the local cache), checked against the latents."""
+    from kandinsky5.loading.diffusers_format import CONFIG_FILE, CheckpointError, component_folder, read_json
+    from kandinsky5.loading.hub import resolve_checkpoint
+
+    root = resolve_checkpoint(args.model)
+    try:
+        folder = component_folder(root, "vae")
+        config = read_json(folder / CONFIG_FILE)
+    except CheckpointError as err:
+        raise UsageError(f"--model: {err}") from err
+    channels = config.get("latent_channels")
+    if channels is not None and channels != header.shape[-1]:
+        raise UsageError(
+            f"--model: the VAE of {args.model} takes {channels} latent channels; {header.path} holds {header.shape[-1]}"
+        )
+    return folder
+
+
+def load_vae(args, device, dtype):
+    """The checkpoint's VAE alone, with ``--vae-channels-last``, ``--vae-tiling`` and ``--offload`` applied as
+    ``load_pipeline`` applies them to a pipeline's; and the offload plan (``None`` without offload)."""
+    import torch
+
+    from kandinsky5.loading.diffusers_format import load_component
+    from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
+    from kandinsky5.runtime.offload import ModelCpuOffload, SequentialCpuOffload, offload_execution_device
+
+    vae = load_component(AutoencoderKLHunyuanVideo, args.vae_folder, dtype)
+    if args.vae_channels_last:
+        vae.to(memory_format=torch.channels_last_3d)
+    if args.vae_tiling == "on":
+        vae.enable_tiling()
+    elif args.vae_tiling == "off":
+        vae.disable_tiling()
+    if args.offload == "none":
+        return vae.to(device), None
+    plan_class = ModelCpuOffload if args.offload == "model" else SequentialCpuOffload
+    return vae, plan_class({"vae": vae}, offload_execution_device(plan_class.method, None, device, None))
+
+
+def cmd_decode(args) -> int:
+    """Decode a latents file kept by ``generate`` into the MP4 it would have written: only the VAE is loaded, and
+    the latents go through the pipeline's own ``decode_latents`` and ``output_type="np"`` conversion."""
+    header = _validate_decode(args)
+    device, dtype = _device_and_dtype(args)
+    if args.offload != "none" and device.type == "cpu":
+        raise UsageError("--offload moves the VAE between the CPU and a GPU; it needs --device cuda")
+
+    from functools import partial
+    from types import SimpleNamespace
+
+    import torch
+
+    from kandinsky5.cli.latents import load_latents
+    from kandinsky5.io import export_to_video, save_frames_fallback
+    from kandinsky5.pipelines.base import Kandinsky5PipelineBase
+    from kandinsky5.sampling.control import Phase, RunControl
+
+    start = time.perf_counter()
+    vae, plan = load_vae(args, device, dtype)
+    load_s = time.perf_counter() - start
+    latents = load_latents(header).to(plan.device if plan is not None else device)
+    times = PhaseTimes()
+    control = RunControl(on_progress=times)
+    # the pipeline's decode, given just what it reads of a pipeline: the VAE
+    decode = partial(Kandinsky5PipelineBase.decode_latents, SimpleNamespace(vae=vae))
+    try:
+        with control.phase(Phase.DECODE):
+            frames = decode_frames(decode, latents)
+    except Exception as err:
+        hint = " (try --vae-tiling on, or --offload model)" if isinstance(err, torch.OutOfMemoryError) else ""
+        print(
+            f"kandinsky5: error: decoding {header.path} failed ({one_line(err)}); the latents file is unchanged{hint}",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if plan is not None:
+            plan.free()
+    try:
+        with control.phase(Phase.WRITE):
+            export_to_video(frames, str(args.out), fps=args.fps, quality=args.quality)
+    except Exception as err:
+        kept = save_frames_fallback(frames, args.out)
+        print(
+            f"kandinsky5: error: writing {args.out} failed ({one_line(err)}); the frames are kept in {kept}",
+            file=sys.stderr,
+        )
+        return 1
+    frames_count, height, width, _ = frames.shape
+    print(
+        f"{args.out}: ok, decoded from {header.path}, {width}x{height}, {frames_count} frames at {args.fps} fps; "
+        f"load {load_s:.1f} s, decode {times.seconds(Phase.DECODE):.1f} s, write {times.seconds(Phase.WRITE):.1f} s"
+    )
+    return 0
 
 
 def cmd_tiny_checkpoint(args) -> int:
@@ -416,17 +740,137 @@ def cmd_models(args) -> int:
     return 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command (raised by :class:`InterruptSignals`); ``stage`` is what was running when
+    the first one came (see :func:`stage_of`), ``None`` when not known."""
+
+    def __init__(self, signum: int, stage: str | None = None):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.stage = stage
+
+
+class InterruptSignals:
+    """While in use, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so that a SIGTERM unwinds
+    like a Ctrl-C (``finally`` blocks run, temporary files are removed); the previous handlers come back after.
+    Signals ignored on entry (a background job's SIGINT) stay ignored. ``disarm()`` makes later signals do nothing
+    (while the interrupt is reported)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.stage: str | None = None
+        self.armed = True
+        self._previous: dict = {}
+
+    def __call__(self, signum, frame) -> None:
+        if not self.armed:
+            return
+        if self.stage is None:  # where the first signal came, kept when a second comes while unwinding
+            self.stage = stage_of(frame) or ""
+        raise Interrupted(signum, self.stage or None)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __enter__(self) -> InterruptSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+
+# What a function on the stack says the command was doing when a signal came, innermost first.
+STAGE_OF_FUNCTION = {
+    "export_to_video": "writing the video",
+    "save_frames_fallback": "saving the frames",
+    "save_latents": "saving the latents",
+    "decode_latents": "decoding",
+    "decode_frames": "decoding",
+    "encode_prompt": "encoding the prompt",
+    "encode_text": "encoding the prompt",
+    "encoded_once": "encoding the prompt",
+    "from_pretrained": "loading the model",
+    "load_pipeline": "loading the model",
+    "load_vae": "loading the VAE",
+    "write_tiny_checkpoint": "writing the checkpoint",
+}
+
+
+def stage_of(frame) -> str | None:
+    """What the stack from ``frame`` outwards was doing: the denoising step of the innermost frame that holds a
+    ``StepProgress``, or the stage of the innermost function named in ``STAGE_OF_FUNCTION``; ``None`` if neither."""
+    progress_type = getattr(sys.modules.get("kandinsky5.sampling.control"), "StepProgress", None)
+    while frame is not None:
+        if progress_type is not None:
+            for value in frame.f_locals.values():
+                if isinstance(value, progress_type):
+                    step = min(value.completed + 1, value.total)
+                    return f"sampling (step {step} of {value.total})"
+        stage = STAGE_OF_FUNCTION.get(frame.f_code.co_name)
+        if stage is not None:
+            return stage
+        frame = frame.f_back
+    return None
+
+
+def interrupt_report(err: KeyboardInterrupt) -> tuple[str, int]:
+    """The line an interrupted command prints and its exit status (128 + the signal: 130 SIGINT, 143 SIGTERM)."""
+    import signal
+
+    from kandinsky5.io.atomic import discarded_writes
+
+    signum = getattr(err, "signum", signal.SIGINT)
+    discarded = discarded_writes(err)
+    stage = getattr(err, "stage", None)
+    if discarded:
+        where = f" while writing {discarded[-1]}"
+    elif stage:
+        where = f" during {stage}"
+    else:
+        where = ""
+    line = f"kandinsky5: interrupted by {signal.Signals(signum).name}{where}; no partial file was left"
+    return line, 128 + signum
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "models": cmd_models, "tiny-checkpoint": cmd_tiny_checkpoint}
-    try:
-        return handlers[args.command](args)
-    except UsageError as err:
-        print(f"kandinsky5: error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"kandinsky5: error: {err}", file=sys.stderr)
-        return 1
+    handlers = {
+        "generate": cmd_generate,
+        "decode": cmd_decode,
+        "models": cmd_models,
+        "tiny-checkpoint": cmd_tiny_checkpoint,
+    }
+    # SIGINT and SIGTERM unwind the command (every file is written under a temporary name and renamed when
+    # complete, so nothing partial is left) and end it with one line and the status 130 or 143.
+    with InterruptSignals() as signals:
+        try:
+            return handlers[args.command](args)
+        except KeyboardInterrupt as err:
+            signals.disarm()
+            line, status = interrupt_report(err)
+            print(line, file=sys.stderr)
+            return status
+        except UsageError as err:
+            print(f"kandinsky5: error: {err}", file=sys.stderr)
+            return 2
+        except (FileNotFoundError, ValueError) as err:
+            print(f"kandinsky5: error: {err}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":
