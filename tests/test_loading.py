@@ -100,3 +100,19 @@ def test_missing_local_directory(tmp_path):
 def test_unreachable_hub_id_says_offline_and_what_to_do(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="offline.*local directory"):
         resolve_checkpoint("kandinskylab/not-a-real-repo-Diffusers", cache_dir=tmp_path, local_files_only=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_name_the_file(checkpoint_copy, damage):
+    path = checkpoint_copy / "transformer" / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as raised:
+        Kandinsky5T2VPipeline.from_pretrained(checkpoint_copy)
+    assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("torch_dtype", ["bfloat16", torch.int8, torch.float8_e4m3fn])
+def test_bad_torch_dtype_is_named_before_reading(tmp_path, torch_dtype):
+    with pytest.raises(ValueError, match="torch_dtype"):
+        Kandinsky5T2VPipeline.from_pretrained(tmp_path / "never-read", torch_dtype=torch_dtype)

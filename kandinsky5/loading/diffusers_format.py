@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from kandinsky5.models.base import ModelBase, check_compute_dtype
 
@@ -70,6 +72,19 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
 
 
+@contextmanager
+def open_weights(path: Path, device: str | torch.device = "cpu") -> Iterator:
+    """``safe_open`` of one weight file; a truncated or corrupt file is a ``CheckpointError`` naming it (the
+    header is checked against the file's size when it is opened, before any tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            yield f
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}): it may be truncated or corrupt; download it again"
+        ) from err
+
+
 def _check_keys(model: torch.nn.Module, names: dict[str, tuple[int, ...]], folder: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(names))
@@ -110,14 +125,14 @@ def load_component(
     files = weight_files(folder)
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with open_weights(path) as f:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     _check_keys(model, shapes, folder)
 
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with open_weights(path, device) as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
                 if torch_dtype is not None and tensor.is_floating_point():

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from kandinsky5.loading.hub import resolve_checkpoint
-from kandinsky5.pipelines.registry import AUTO_PIPELINE, COMPONENT_NAMES, pipeline_class_for
+from kandinsky5.pipelines.loading import check_load_arguments
+from kandinsky5.pipelines.registry import AUTO_PIPELINE, pipeline_class_for
 
 
 class Kandinsky5Pipeline:
@@ -32,9 +33,6 @@ class Kandinsky5Pipeline:
         **kwargs,
     ):
         """A ``Kandinsky5T2VPipeline`` or ``Kandinsky5I2VPipeline``; the arguments of their ``from_pretrained``."""
-        # components (``vae=...``) are checked before any download
-        unknown = sorted(set(kwargs) - set(COMPONENT_NAMES))
-        if unknown:
-            raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+        check_load_arguments(kwargs, torch_dtype)  # before any download
         root = resolve_checkpoint(pretrained_model_name_or_path, revision, cache_dir, local_files_only, token)
         return pipeline_class_for(root).from_pretrained(root, torch_dtype=torch_dtype, **kwargs)

@@ -25,7 +25,7 @@ from kandinsky5.loading.hub import resolve_checkpoint
 from kandinsky5.models import text_encoders as te
 from kandinsky5.models.nabla_params import nabla_params_for_latents
 from kandinsky5.pipelines.adapters import ProgressBar, StepCallback
-from kandinsky5.pipelines.loading import check_component_names, load_components
+from kandinsky5.pipelines.loading import check_load_arguments, load_components
 from kandinsky5.pipelines.output import KandinskyPipelineOutput, postprocess_video
 from kandinsky5.pipelines.registry import check_checkpoint_class
 from kandinsky5.pipelines.request import (
@@ -115,7 +115,7 @@ class Kandinsky5PipelineBase:
 
         Components passed as keyword arguments (``transformer=...``) are used instead of loading them.
         """
-        check_component_names(kwargs)
+        check_load_arguments(kwargs, torch_dtype)
         root = resolve_checkpoint(pretrained_model_name_or_path, revision, cache_dir, local_files_only, token)
         check_checkpoint_class(root, cls)
         variant = variant_for_checkpoint(pretrained_model_name_or_path, root)

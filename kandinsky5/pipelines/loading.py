@@ -16,6 +16,7 @@ from kandinsky5.loading.diffusers_format import (
     read_json,
 )
 from kandinsky5.models import text_encoders as te
+from kandinsky5.models.base import COMPUTE_DTYPES
 from kandinsky5.pipelines.registry import COMPONENT_NAMES
 from kandinsky5.sampling.scheduler import FlowMatchEulerDiscreteScheduler
 from kandinsky5.variants import Variant
@@ -26,10 +27,14 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 TEXT_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 
 
-def check_component_names(given: dict[str, Any]) -> None:
+def check_load_arguments(given: dict[str, Any], torch_dtype) -> None:
+    """``from_pretrained``'s components and ``torch_dtype``, checked before anything is read."""
     unknown = sorted(set(given) - set(COMPONENT_NAMES))
     if unknown:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+    if torch_dtype is not None and torch_dtype not in COMPUTE_DTYPES:
+        allowed = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in COMPUTE_DTYPES)
+        raise ValueError(f"`torch_dtype` must be None or one of {allowed}, got {torch_dtype!r}")
 
 
 def load_components(
