@@ -32,6 +32,9 @@ VIDEO_PROMPT_TEMPLATE = "\n".join(
 # this many fewer than max_sequence_length; we do the same so the cut text, and so the embeddings, are equal.
 TEMPLATE_SUFFIX_TOKENS = 2
 MAX_SEQUENCE_LENGTH_LIMIT = 1024
+# A cut-off part of a prompt is quoted whole up to this many characters, else abbreviated around ELLIPSIS.
+WARNING_TEXT_LIMIT = 120
+ELLIPSIS = " ... "
 
 
 def prompt_clean(text: str) -> str:
@@ -73,6 +76,14 @@ def load_text_encoders(root: Path, torch_dtype: torch.dtype | None):
     return text_encoder.eval().requires_grad_(False), text_encoder_2.eval().requires_grad_(False)
 
 
+def abbreviated(text: str, limit: int = WARNING_TEXT_LIMIT) -> str:
+    """``text`` itself when short, else its start and end around an ellipsis (a warning stays one readable line)."""
+    if len(text) <= limit:
+        return text
+    half = (limit - len(ELLIPSIS)) // 2
+    return f"{text[:half]}{ELLIPSIS}{text[-half:]}"
+
+
 def truncate_prompts(tokenizer, texts: list[str], prefix_len: int, max_sequence_length: int) -> list[str]:
     """Shorten templated prompts whose prompt part exceeds ``max_sequence_length`` tokens, warning with the text
     that was cut. Follows the reference's character-level cut so that results stay equal."""
@@ -86,10 +97,11 @@ def truncate_prompts(tokenizer, texts: list[str], prefix_len: int, max_sequence_
         if removed:
             out[i] = text[: -len(removed)]
             logger.warning(
-                "Prompt %d is longer than max_sequence_length=%d tokens; this part was cut: %r",
+                "Prompt %d is longer than max_sequence_length=%d tokens; %d characters were cut: %r",
                 i,
                 max_sequence_length,
-                removed,
+                len(removed),
+                abbreviated(removed),
             )
     return out
 
