@@ -184,6 +184,8 @@ INVALID_IMAGES = {
     "nan": torch.full((3, 32, 48), float("nan")),
     "int64 array": np.zeros((32, 48, 3), dtype=np.int64),
     "too many images": [VIDEO_SIZED_IMAGE] * 3,
+    # 100 million pixels (a broadcast view: no memory), beyond PIL's decompression-bomb threshold
+    "too large": np.broadcast_to(np.zeros(3, dtype=np.uint8), (10_000, 10_000, 3)),
 }
 
 

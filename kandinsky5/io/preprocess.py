@@ -20,6 +20,9 @@ RGB_CHANNELS = 3
 UINT8_SCALE = 255.0
 PIL_RESAMPLE = PIL.Image.Resampling.LANCZOS
 ARRAY_RESIZE_MODE = "nearest"
+# The most pixels an input image may have: PIL's decompression-bomb threshold (about 89 million), far beyond any
+# size the models take; a larger image would only cost memory and time to resize.
+MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS or 89_478_485
 # Float pixels: [0, 1]; a batch whose minimum is negative is taken as already in [-1, 1] (as the reference does).
 PIXEL_RANGE = (-1.0, 1.0)
 
@@ -55,6 +58,8 @@ def _check_array(item: np.ndarray | torch.Tensor) -> int:
     channels = item.shape[-1] if is_numpy else item.shape[-3] if item.ndim >= 3 else None
     if item.ndim not in (3, 4) or channels != RGB_CHANNELS or 0 in item.shape:
         raise _invalid(f"a {type(item).__name__} must have shape {layout} (RGB), got {tuple(item.shape)}")
+    height, width = item.shape[-3:-1] if is_numpy else item.shape[-2:]
+    _check_pixel_count(int(height) * int(width))
     is_uint8 = item.dtype == np.uint8 if is_numpy else item.dtype == torch.uint8
     is_float = np.issubdtype(item.dtype, np.floating) if is_numpy else item.is_floating_point()
     if not (is_uint8 or is_float):
@@ -66,6 +71,11 @@ def _check_array(item: np.ndarray | torch.Tensor) -> int:
     return item.shape[0] if item.ndim == 4 else 1
 
 
+def _check_pixel_count(pixels: int) -> None:
+    if pixels > MAX_IMAGE_PIXELS:
+        raise _invalid(f"an image of {pixels:,} pixels is too large (at most {MAX_IMAGE_PIXELS:,}); downscale it first")
+
+
 def count_images(image: ImageInput) -> int:
     """Validate ``image`` and return how many images it holds (cheap: nothing is resized)."""
     items = _items(image)
@@ -73,6 +83,7 @@ def count_images(image: ImageInput) -> int:
         for item in items:
             if item.width < 1 or item.height < 1:
                 raise _invalid(f"got an empty PIL image of size {item.size}")
+            _check_pixel_count(item.width * item.height)
         return len(items)
     return sum(_check_array(item) for item in items)
 
