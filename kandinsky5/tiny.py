@@ -62,26 +62,30 @@ MODEL_INDEX = {
 
 
 def write_tiny_checkpoint(folder: Path, seed: int = 0, task: str = "t2v") -> Path:
-    """Write the tiny checkpoint of ``task`` ("t2v" or "i2v") into ``folder`` (created if needed); return it."""
+    """Write the tiny checkpoint of ``task`` ("t2v" or "i2v") into ``folder`` (created if needed); return it.
+
+    The checkpoint is written in a temporary folder beside ``folder`` and renamed into place when complete
+    (:func:`kandinsky5.io.atomic.atomic_folder`): an error or an interrupt leaves no partial checkpoint."""
     if task not in PIPELINE_CLASSES:
         raise ValueError(f"task must be one of {sorted(PIPELINE_CLASSES)}, got {task!r}")
+    from kandinsky5.io.atomic import atomic_folder
     from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # PyTorch's default initialisation, seeded; unlike the reference's, it leaves no layer at zero.
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        Kandinsky5Transformer3DModel(TINY_TRANSFORMER).save_pretrained(folder / "transformer")
-        AutoencoderKLHunyuanVideo.from_config(TINY_VAE).save_pretrained(folder / "vae")
-    write_tiny_text_components(folder, TINY_QWEN_HIDDEN, TINY_CLIP_HIDDEN, seed=seed)
-    scheduler = {
-        "_class_name": "FlowMatchEulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
-        "shift": TINY_SCHEDULER_SHIFT,
-    }
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    model_index = {"_class_name": PIPELINE_CLASSES[task], **MODEL_INDEX}
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    with atomic_folder(folder) as temporary:
+        # PyTorch's default initialisation, seeded; unlike the reference's, it leaves no layer at zero.
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            Kandinsky5Transformer3DModel(TINY_TRANSFORMER).save_pretrained(temporary / "transformer")
+            AutoencoderKLHunyuanVideo.from_config(TINY_VAE).save_pretrained(temporary / "vae")
+        write_tiny_text_components(temporary, TINY_QWEN_HIDDEN, TINY_CLIP_HIDDEN, seed=seed)
+        scheduler = {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": 1000,
+            "shift": TINY_SCHEDULER_SHIFT,
+        }
+        (temporary / "scheduler").mkdir()
+        (temporary / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        model_index = {"_class_name": PIPELINE_CLASSES[task], **MODEL_INDEX}
+        (temporary / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     return folder

@@ -769,7 +769,10 @@ class InterruptSignals:
         if not self.armed:
             return
         if self.stage is None:  # where the first signal came, kept when a second comes while unwinding
-            self.stage = stage_of(frame) or ""
+            try:
+                self.stage = stage_of(frame) or ""
+            except Exception:  # the report loses its detail, never the interrupt
+                self.stage = ""
         raise Interrupted(signum, self.stage or None)
 
     def disarm(self) -> None:

@@ -1,7 +1,9 @@
 """Writing generated frames to an H.264 MP4 with PyAV, with the call signature of ``diffusers.utils.export_to_video``.
 
 Also the checks the CLI runs before it loads any model (``check_output_path``), and the last resort that keeps a
-finished generation when the MP4 cannot be written (``save_frames_fallback``).
+finished generation when the MP4 cannot be written (``save_frames_fallback``). Both writers write to a temporary
+name beside the output and rename it when complete (``kandinsky5/io/atomic.py``): an error or an interrupt leaves no
+partial file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+
+from kandinsky5.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +173,8 @@ def export_to_video(
         video_frames: a list of PIL images, a list of (H, W, 3) numpy arrays, a (F, H, W, 3) numpy array, or a
             torch tensor (F, H, W, 3) or (F, 3, H, W); floats in [0, 1] or uint8 in [0, 255].
         output_video_path: where to write; a new temporary ``.mp4`` file when None. The container is MP4 whatever
-            the suffix.
+            the suffix. The video is encoded under a temporary name beside it and renamed onto it when complete;
+            when encoding fails or is interrupted, nothing is left there (an earlier file of that name is kept).
         fps: frames per second, stored exactly (24000/1001 stays 24000/1001).
         quality: diffusers' 0..10 scale, 10 = best, mapped to x264's CRF by ``quality_to_crf``
             (5 -> CRF 25, 9 -> CRF 5). 10 -> CRF 0 is lossless x264, which uses the "High 4:4:4 Predictive"
@@ -189,7 +194,8 @@ def export_to_video(
 
     frames = _pad_to_multiple(frames, math.lcm(int(macro_block_size or 1), CHROMA_SUBSAMPLING))
 
-    if output_video_path is None:
+    reserved = output_video_path is None
+    if reserved:
         with tempfile.NamedTemporaryFile(suffix=VIDEO_SUFFIX, delete=False) as handle:
             output_video_path = handle.name
     output_video_path = os.fspath(output_video_path)
@@ -200,7 +206,8 @@ def export_to_video(
     if bitrate is None and quality is not None:
         options["crf"] = str(quality_to_crf(quality))
     try:
-        with av.open(output_video_path, mode="w", format="mp4") as container:
+        # The container is closed (its index written) before the temporary file is renamed into place.
+        with atomic_path(output_video_path) as temporary, av.open(str(temporary), mode="w", format="mp4") as container:
             stream = container.add_stream(VIDEO_CODEC, rate=rate, options=options)
             stream.height, stream.width = frames.shape[1:3]
             stream.pix_fmt = PIXEL_FORMAT
@@ -210,9 +217,10 @@ def export_to_video(
                 frame = av.VideoFrame.from_ndarray(frame_array, format="rgb24")
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())  # flush the frames the encoder still holds
-    except Exception:
-        # A half-written file would look like a result; the caller keeps the frames (see save_frames_fallback).
-        Path(output_video_path).unlink(missing_ok=True)
+    except BaseException:
+        # atomic_path removed the partial file; the caller keeps the frames (see save_frames_fallback)
+        if reserved:
+            Path(output_video_path).unlink(missing_ok=True)
         raise
     return output_video_path
 
@@ -260,22 +268,35 @@ def save_frames_fallback(frames, path: str | os.PathLike) -> str:
     """Save frames as a ``.npy`` when the video at ``path`` could not be written; return where they went.
 
     The file is ``<stem>.frames.npy`` beside ``path``, or in the temporary directory when that directory is not
-    writable. Valid frames are stored as (F, H, W, 3) uint8, which ``export_to_video(np.load(file), ...)`` takes
-    back; anything else is stored as it came.
+    writable; when that name is taken, ``<stem>.frames-2.npy``, ``-3`` ... (an earlier fallback is never
+    overwritten). It is written under a temporary name and renamed when complete. Valid frames are stored as
+    (F, H, W, 3) uint8, which ``export_to_video(np.load(file), ...)`` takes back; anything else is stored as it came.
     """
     try:
         array = frames_to_uint8(frames, name="frames")
     except ValueError:
         array = _raw_frames(frames)
-    file_name = Path(path).stem + ".frames.npy"
-    candidates = [Path(path).expanduser().absolute().parent / file_name, Path(tempfile.gettempdir()) / file_name]
+    stem = Path(path).stem
+    folders = [Path(path).expanduser().absolute().parent, Path(tempfile.gettempdir())]
     errors = []
-    for candidate in candidates:
+    for folder in folders:
+        candidate = _free_fallback_name(folder, stem)
         try:
-            np.save(candidate, array)
+            with atomic_path(candidate) as temporary, open(temporary, "wb") as handle:
+                np.save(handle, array)
         except OSError as error:
             errors.append(f"{candidate}: {error}")
             continue
-        logger.warning("Saved the frames to %s", candidate)
+        logger.info("Saved the frames to %s", candidate)  # the caller reports it: the path is returned
         return str(candidate)
     raise OSError("Could not save the frames anywhere: " + "; ".join(errors))
+
+
+def _free_fallback_name(folder: Path, stem: str) -> Path:
+    """``<stem>.frames.npy`` in ``folder``, or the first of ``<stem>.frames-2.npy``, ``-3`` ... not taken."""
+    candidate = folder / f"{stem}.frames.npy"
+    number = 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = folder / f"{stem}.frames-{number}.npy"
+    return candidate

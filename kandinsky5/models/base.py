@@ -179,13 +179,18 @@ class ModelBase(nn.Module):
         yield from self.named_buffers()
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` in the Diffusers layout."""
+        """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` in the Diffusers layout.
+
+        Both are written in a temporary folder beside ``folder`` that is renamed into place when complete
+        (:func:`kandinsky5.io.atomic.atomic_folder`): an error or an interrupt leaves no partial checkpoint."""
         from safetensors.torch import save_file
 
+        from kandinsky5.io.atomic import atomic_folder
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, **self.config.to_dict()}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+        with atomic_folder(folder) as temporary:
+            (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            save_file(state, str(temporary / "diffusion_pytorch_model.safetensors"))
         return folder
