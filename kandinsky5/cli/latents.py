@@ -6,7 +6,8 @@ channels-last ``(1, latent frames, height / 8, width / 8, channels)`` latents ex
 (after its ``finalize_latents``), in the dtype they were sampled in. Its string metadata says what it is
 (``format``: ``kandinsky5-latents``, ``version``), how to write the video (``fps``, ``quality``) and, for
 information, where it came from (``model``, ``seed``, ``prompt``, ``height``, ``width``, ``num_frames``,
-``video``). It is written completely or not at all: to a temporary name in the same folder, then renamed.
+``video``). It is written completely or not at all: to a temporary name in the same folder, then renamed
+(kandinsky5/io/atomic.py).
 """
 
 from __future__ import annotations
@@ -59,17 +60,14 @@ def latents_path_for(video: Path) -> Path:
 
 
 def _write_completely(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` whole or not at all: a temporary file in the same folder, flushed, then renamed."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    """``data`` at ``path`` whole or not at all: written (and flushed to disk) under a temporary name beside it,
+    then renamed (kandinsky5/io/atomic.py)."""
+    from kandinsky5.io.atomic import atomic_path
+
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def save_latents(latents: torch.Tensor, video: Path, metadata: dict[str, object]) -> Path:
