@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kandinsky5.cli.main import Interrupted, InterruptSignals, interrupt_report, main, stage_of
+from kandinsky5.cli.main import Interrupted, InterruptSignals, PhaseTimes, interrupt_report, interrupted_during, main
 from kandinsky5.io.atomic import temporary_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -164,10 +164,10 @@ def test_interrupt_while_writing(interrupted_runs, name):
     assert code == SIGNALS[name][1], stderr
     assert "Traceback" not in stderr
     lines = stderr.splitlines()
-    # generate_one may first say what it kept of the seed (its frames, its latents); the interrupt's line is last
-    assert all(line.startswith("kandinsky5: ") for line in lines), stderr
-    assert sum("interrupted by" in line for line in lines) == 1, stderr
-    assert lines[-1] == f"kandinsky5: interrupted by {name} while writing {out}; no partial file was left"
+    assert len(lines) == 1, stderr
+    # one line: where it stopped, and the sampled latents kept (with the command that decodes them)
+    assert lines[0].startswith(f"kandinsky5: interrupted by {name} while writing {out}; no partial file was left; ")
+    assert "the sampled latents are kept in" in lines[0] and "kandinsky5 decode" in lines[0]
     assert_nothing_partial(out)
 
 
@@ -215,23 +215,20 @@ def test_an_ignored_sigint_stays_ignored(monkeypatch):
         signal.signal(signal.SIGINT, previous)
 
 
-def test_stage_of_names_the_step_or_the_function():
-    import sys as _sys
+def test_the_report_names_the_step_or_the_phase():
+    from kandinsky5.sampling.control import Phase, RunControl
 
-    from kandinsky5.sampling.control import RunControl
-
-    def denoise():
-        progress = RunControl().steps(50)
-        progress.step_done()
-        progress.step_done()
-        return stage_of(_sys._getframe())
-
-    def export_to_video():
-        return stage_of(_sys._getframe())
-
-    assert denoise() == "sampling (step 3 of 50)"
-    assert export_to_video() == "writing the video"
-    assert interrupt_report(Interrupted(signal.SIGTERM, "decoding")) == (
+    times = PhaseTimes()
+    control = RunControl(on_progress=times)
+    progress = control.steps(50)
+    progress.step_done()
+    progress.step_done()
+    assert times.current() == "sampling (step 3 of 50)"
+    with pytest.raises(KeyboardInterrupt) as raised, interrupted_during("loading the model"):
+        with interrupted_during(times.current), control.phase(Phase.DECODE):
+            raise Interrupted(signal.SIGTERM)
+    assert raised.value.stage == "decoding"  # the innermost stage named wins
+    assert interrupt_report(raised.value) == (
         "kandinsky5: interrupted by SIGTERM during decoding; no partial file was left",
         143,
     )

@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from kandinsky5.variants import FPS as DEFAULT_FPS
@@ -323,11 +325,12 @@ def cmd_generate(args) -> int:
 
     transformers_logging.disable_progress_bar()  # one progress bar: ours, for sampling
     start = time.perf_counter()
-    pipe = load_pipeline(args, request, device, dtype)
+    with interrupted_during("loading the model"):
+        pipe = load_pipeline(args, request, device, dtype)
     load_s = time.perf_counter() - start
     # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
     encoding = PhaseTimes()
-    with RunControl(on_progress=encoding).phase(Phase.ENCODE_TEXT):
+    with interrupted_during("encoding the prompt"), RunControl(on_progress=encoding).phase(Phase.ENCODE_TEXT):
         request = encoded_once(pipe, request)
     results: list[SeedResult] = []
     try:
@@ -398,10 +401,12 @@ class PhaseTimes:
         self._started: dict = {}
         self._seconds: dict = {}
         self.step_ends: list[float] = []
+        self.last_event = None
 
     def __call__(self, event) -> None:
         from kandinsky5.sampling.control import Phase
 
+        self.last_event = event
         if event.phase is Phase.DENOISE:
             self.step_ends.append(event.elapsed_s)
         if event.completed == 0:
@@ -416,6 +421,17 @@ class PhaseTimes:
 
     def ran(self, phase) -> bool:
         return phase in self._seconds
+
+    def current(self) -> str | None:
+        """What the run is doing now, for an interrupt's report (``None`` between phases)."""
+        from kandinsky5.sampling.control import Phase
+
+        event = self.last_event
+        if event is None or (event.finished and event.phase is not Phase.DENOISE):
+            return None
+        if event.phase is Phase.DENOISE:
+            return None if event.finished else f"sampling (step {event.completed + 1} of {event.total})"
+        return STAGE_OF_PHASE[event.phase]
 
     def seconds_per_step(self) -> float:
         steps = len(self.step_ends) - 1  # the first event is the phase's start
@@ -473,7 +489,8 @@ def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResul
     )
     try:
         # the latents after the pipeline's finalize_latents: what its own decode would receive
-        latents = pipe.generate(seeded, control).frames
+        with interrupted_during(times.current):
+            latents = pipe.generate(seeded, control).frames
     except GenerationCancelled:
         raise
     except Exception as err:
@@ -482,19 +499,25 @@ def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResul
         return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: sampling ({type(err).__name__}); nothing kept")
     stage, frames = Phase.DECODE, None
     try:
-        with control.phase(Phase.DECODE):
-            frames = decode_frames(pipe.decode_latents, latents)
+        with interrupted_during(times.current):
+            with control.phase(Phase.DECODE):
+                frames = decode_frames(pipe.decode_latents, latents)
+            pipe.maybe_free_model_hooks()
+            stage = Phase.WRITE
+            with control.phase(Phase.WRITE):
+                export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
+    except KeyboardInterrupt as err:
+        # the interrupt's one line (main) says what was kept: the latents, quickly (not the frames)
         pipe.maybe_free_model_hooks()
-        stage = Phase.WRITE
-        with control.phase(Phase.WRITE):
-            export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
-    except BaseException as err:
+        err.kept = keep_after_failure(args, request, seed, out, latents, None, err)
+        raise
+    except Exception as err:
         pipe.maybe_free_model_hooks()
         release_cached_memory(device)
         kept = keep_after_failure(args, request, seed, out, latents, frames, err)
         what = "decoding" if stage is Phase.DECODE else f"writing {out}"
         print(f"kandinsky5: error: seed {seed}: {what} failed ({one_line(err)}); {kept}", file=sys.stderr)
-        if not isinstance(err, Exception) or isinstance(err, GenerationCancelled):
+        if isinstance(err, GenerationCancelled):
             raise
         return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: {stage} ({type(err).__name__}); {kept}")
     frames_count, height, width, _ = frames.shape
@@ -663,25 +686,24 @@ def cmd_decode(args) -> int:
         raise UsageError("--offload moves the VAE between the CPU and a GPU; it needs --device cuda")
 
     from functools import partial
-    from types import SimpleNamespace
 
     import torch
 
     from kandinsky5.cli.latents import load_latents
     from kandinsky5.io import export_to_video, save_frames_fallback
-    from kandinsky5.pipelines.base import Kandinsky5PipelineBase
+    from kandinsky5.pipelines.output import decode_latents
     from kandinsky5.sampling.control import Phase, RunControl
 
     start = time.perf_counter()
-    vae, plan = load_vae(args, device, dtype)
+    with interrupted_during("loading the VAE"):
+        vae, plan = load_vae(args, device, dtype)
     load_s = time.perf_counter() - start
     latents = load_latents(header).to(plan.device if plan is not None else device)
     times = PhaseTimes()
     control = RunControl(on_progress=times)
-    # the pipeline's decode, given just what it reads of a pipeline: the VAE
-    decode = partial(Kandinsky5PipelineBase.decode_latents, SimpleNamespace(vae=vae))
+    decode = partial(decode_latents, vae)  # the pipeline's decode, with the VAE alone
     try:
-        with control.phase(Phase.DECODE):
+        with interrupted_during("decoding"), control.phase(Phase.DECODE):
             frames = decode_frames(decode, latents)
     except Exception as err:
         hint = " (try --vae-tiling on, or --offload model)" if isinstance(err, torch.OutOfMemoryError) else ""
@@ -741,8 +763,8 @@ def cmd_models(args) -> int:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a command (raised by :class:`InterruptSignals`); ``stage`` is what was running when
-    the first one came (see :func:`stage_of`), ``None`` when not known."""
+    """SIGINT or SIGTERM during a command (raised by :class:`InterruptSignals`); ``stage`` is what was running
+    (set by :func:`interrupted_during` as it unwinds), ``kept`` what was saved on the way out."""
 
     def __init__(self, signum: int, stage: str | None = None):
         import signal
@@ -750,6 +772,7 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.stage = stage
+        self.kept: str | None = None
 
 
 class InterruptSignals:
@@ -761,19 +784,13 @@ class InterruptSignals:
     SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        self.stage: str | None = None
         self.armed = True
         self._previous: dict = {}
 
     def __call__(self, signum, frame) -> None:
         if not self.armed:
             return
-        if self.stage is None:  # where the first signal came, kept when a second comes while unwinding
-            try:
-                self.stage = stage_of(frame) or ""
-            except Exception:  # the report loses its detail, never the interrupt
-                self.stage = ""
-        raise Interrupted(signum, self.stage or None)
+        raise Interrupted(signum)
 
     def disarm(self) -> None:
         self.armed = False
@@ -797,38 +814,25 @@ class InterruptSignals:
         self._previous.clear()
 
 
-# What a function on the stack says the command was doing when a signal came, innermost first.
-STAGE_OF_FUNCTION = {
-    "export_to_video": "writing the video",
-    "save_frames_fallback": "saving the frames",
-    "save_latents": "saving the latents",
-    "decode_latents": "decoding",
-    "decode_frames": "decoding",
-    "encode_prompt": "encoding the prompt",
+# What a run was doing in each phase, as an interrupt's report says it.
+STAGE_OF_PHASE = {
     "encode_text": "encoding the prompt",
-    "encoded_once": "encoding the prompt",
-    "from_pretrained": "loading the model",
-    "load_pipeline": "loading the model",
-    "load_vae": "loading the VAE",
-    "write_tiny_checkpoint": "writing the checkpoint",
+    "encode_image": "encoding the image",
+    "decode": "decoding",
+    "write": "writing the video",
 }
 
 
-def stage_of(frame) -> str | None:
-    """What the stack from ``frame`` outwards was doing: the denoising step of the innermost frame that holds a
-    ``StepProgress``, or the stage of the innermost function named in ``STAGE_OF_FUNCTION``; ``None`` if neither."""
-    progress_type = getattr(sys.modules.get("kandinsky5.sampling.control"), "StepProgress", None)
-    while frame is not None:
-        if progress_type is not None:
-            for value in frame.f_locals.values():
-                if isinstance(value, progress_type):
-                    step = min(value.completed + 1, value.total)
-                    return f"sampling (step {step} of {value.total})"
-        stage = STAGE_OF_FUNCTION.get(frame.f_code.co_name)
-        if stage is not None:
-            return stage
-        frame = frame.f_back
-    return None
+@contextmanager
+def interrupted_during(stage: str | Callable[[], str | None]):
+    """An interrupt inside says it stopped during ``stage`` (a text, or a function giving it when the interrupt
+    comes), unless an inner block named a stage already."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        if getattr(err, "stage", None) is None:
+            err.stage = stage() if callable(stage) else stage
+        raise
 
 
 def interrupt_report(err: KeyboardInterrupt) -> tuple[str, int]:
@@ -847,7 +851,8 @@ def interrupt_report(err: KeyboardInterrupt) -> tuple[str, int]:
     else:
         where = ""
     line = f"kandinsky5: interrupted by {signal.Signals(signum).name}{where}; no partial file was left"
-    return line, 128 + signum
+    kept = getattr(err, "kept", None)
+    return line + (f"; {kept}" if kept else ""), 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from kandinsky5.models import text_encoders as te
 from kandinsky5.models.nabla_params import nabla_params_for_latents
 from kandinsky5.pipelines.adapters import ProgressBar, StepCallback
 from kandinsky5.pipelines.loading import check_load_arguments, load_components
-from kandinsky5.pipelines.output import KandinskyPipelineOutput, postprocess_video
+from kandinsky5.pipelines.output import KandinskyPipelineOutput, decode_latents, postprocess_video
 from kandinsky5.pipelines.registry import check_checkpoint_class
 from kandinsky5.pipelines.request import (
     CALLBACK_TENSOR_INPUTS,
@@ -371,8 +371,7 @@ class Kandinsky5PipelineBase:
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Channels-last latents ``(batch, T, H, W, C)`` -> decoded video ``(batch, 3, frames, H, W)`` in [-1, 1]."""
-        latents = latents.to(self.vae.dtype).permute(0, 4, 1, 2, 3)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return decode_latents(self.vae, latents)
 
     # ------------------------------------------------------------------ generation
 

@@ -27,6 +27,14 @@ class KandinskyPipelineOutput:
         return (self.frames,)
 
 
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Channels-last latents ``(batch, T, H, W, C)``, as the sampler holds them (scaled) -> decoded video
+    ``(batch, 3, frames, H, W)`` in [-1, 1], with ``vae`` (the pipeline's decode; ``kandinsky5 decode`` uses it with
+    the VAE alone)."""
+    latents = latents.to(vae.dtype).permute(0, 4, 1, 2, 3)
+    return vae.decode(latents / vae.config.scaling_factor).sample
+
+
 def postprocess_video(video: torch.Tensor, output_type: str):
     """Decoded video ``(batch, 3, frames, H, W)`` in [-1, 1] -> ``"np"`` ``(batch, frames, H, W, 3)`` float32,
     ``"pt"`` ``(batch, frames, 3, H, W)``, or ``"pil"`` lists of images; values in [0, 1] (PIL: rounded bytes)."""
