@@ -450,3 +450,49 @@ def test_speed_options_reach_the_models(tiny_checkpoint, tmp_path, monkeypatch, 
         assert pipe.vae.use_tiling  # forced tiles, whatever the automatic policy says
     else:
         assert (pipe.vae.use_tiling, pipe.vae.use_auto_tiling) == (False, tiling == "auto")
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        (["--seed", "-1"], "--seed must be within 0.."),
+        (["--seed", str(2**64)], "--seed must be within 0.."),
+        (["--seconds", "nan"], "--seconds must be a positive number"),
+        (["--seconds", "inf"], "--seconds must be a positive number"),
+        (["--quality", "nan"], "--quality"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "quantum:0"], "--device"),
+        (["--out", "{existing}"], "pass --overwrite"),
+        ([" "], "PROMPT"),
+    ],
+)
+def test_bad_numbers_devices_and_outputs_fail_before_loading(fake_loading, tmp_path, capsys, options, expected):
+    existing = tmp_path / "old.mp4"
+    existing.write_bytes(b"an earlier video")
+    options = [o.format(existing=existing) for o in options]
+    if options == [" "]:  # an empty prompt
+        argv = ["generate", " ", "--model", "lite-sft-5s", "--out", str(tmp_path / "v.mp4"), "--device", "cpu"]
+    else:
+        argv = ["generate", "a red fox", "--model", "lite-sft-5s", "--out", str(tmp_path / "v.mp4"), *options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert fake_loading.loaded == []
+    assert existing.read_bytes() == b"an earlier video"
+
+
+def test_overwrite_replaces_an_existing_video(fake_loading, tmp_path):
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"an earlier video")
+    assert generate(tmp_path, "--model", "lite-sft-5s", "--overwrite") == 0
+    assert out.read_bytes()[4:8] == b"ftyp"  # an MP4 now
+
+
+def test_tiny_checkpoint_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert main(["tiny-checkpoint", str(folder)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

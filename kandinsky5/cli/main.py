@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,9 @@ SUBCOMMANDS = ("generate", "decode", "models", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_MODES = ("none", "model", "sequential")
 VAE_TILING_MODES = ("auto", "on", "off")
+DEVICE_TYPES = ("cpu", "cuda")
+# torch.Generator.manual_seed takes 64-bit seeds
+MAX_SEED = 2**64 - 1
 DEFAULT_QUALITY = 9.0
 # request parameters -> the options that set them
 OPTION_OF_PARAMETER = {
@@ -44,8 +48,8 @@ class UsageError(Exception):
 
 def frames_for_seconds(seconds: float, fps: int, temporal_compression: int = 4) -> int:
     """The 4k+1 frame count closest to ``seconds`` of video at ``fps`` (5 s at 24 fps -> 121)."""
-    if seconds <= 0:
-        raise UsageError(f"--seconds must be positive, got {seconds}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--seconds must be a positive number, got {seconds}")
     return temporal_compression * max(round(seconds * fps / temporal_compression), 0) + 1
 
 
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers) or a local checkpoint directory",
     )
     gen.add_argument("--out", required=True, help="output .mp4 path")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gen.add_argument(
         "--image", default=None, help="first frame: image-to-video (needs an I2V model); a path or http(s) URL"
     )
@@ -134,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model the latents were sampled with: short name, hub id or local checkpoint directory",
     )
     dec.add_argument("--out", required=True, help="output .mp4 path")
+    dec.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     dec.add_argument("--fps", type=int, default=None, help="frames per second (default: the generate run's)")
     dec.add_argument("--quality", type=float, default=None, help="video quality 0..10 (default: the generate run's)")
     dec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", help="where to write it")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--task", choices=["t2v", "i2v"], default="t2v", help="text- or image-to-video (default t2v)")
+    tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     return parser
 
 
@@ -169,9 +176,12 @@ def _validate_generate(args):
     a pipeline call. Sets ``args.variant`` (or ``None``) and returns the request."""
     from kandinsky5.io import check_output_path
 
+    for seed in args.seed:
+        if not 0 <= seed <= MAX_SEED:
+            raise UsageError(f"--seed must be within 0..{MAX_SEED} (what a torch.Generator takes), got {seed}")
     try:
         args.out = check_output_path(args.out)
-        args.outputs = [check_output_path(path) for path in output_paths(args.out, args.seed)]
+        args.outputs = [new_output(path, args.overwrite) for path in output_paths(args.out, args.seed)]
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
     args.variant, checkpoint = _resolve_model(args)
@@ -305,8 +315,12 @@ def _device_and_dtype(args):
         device = torch.device(device)
     except RuntimeError as err:
         raise UsageError(f"--device: {err}") from err
+    if device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 ...")
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -598,6 +612,16 @@ def embedding_kwargs(prefix: str, embeds) -> dict:
     return {f"{prefix}_{name}": tensor for name, tensor in zip(names, embeds, strict=True)}
 
 
+def new_output(path, overwrite: bool) -> Path:
+    """``path`` checked writable (``check_output_path``), and not an existing file unless ``overwrite``."""
+    from kandinsky5.io import check_output_path
+
+    path = check_output_path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    return path
+
+
 def output_paths(out: Path, seeds: list[int]) -> list[Path]:
     """One path per seed: ``out`` itself for one seed, else ``<stem>-seed<N><suffix>`` beside it."""
     if len(seeds) == 1:
@@ -613,14 +637,13 @@ def _validate_decode(args):
     ``args.fps``/``args.quality`` (default: the generate run's, stored in the file) and ``args.vae_folder``; returns
     the file's header."""
     from kandinsky5.cli.latents import LatentsFileError, read_header
-    from kandinsky5.io import check_output_path
 
     try:
         header = read_header(args.latents)
     except LatentsFileError as err:
         raise UsageError(str(err)) from err
     try:
-        args.out = check_output_path(args.out)
+        args.out = new_output(args.out, args.overwrite)
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
     if args.fps is None:
@@ -736,7 +759,12 @@ def cmd_decode(args) -> int:
 def cmd_tiny_checkpoint(args) -> int:
     from kandinsky5.tiny import write_tiny_checkpoint
 
-    folder = write_tiny_checkpoint(Path(args.directory), seed=args.seed, task=args.task)
+    folder = Path(args.directory)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not args.force:
+        raise UsageError(f"{folder} is not empty; pass --force to write the checkpoint into it")
+    folder = write_tiny_checkpoint(folder, seed=args.seed, task=args.task)
     kind = args.task.upper()
     print(f"{folder}: tiny random-weight Kandinsky 5 {kind} checkpoint (Diffusers layout; it generates noise videos)")
     return 0
