@@ -496,3 +496,11 @@ def test_tiny_checkpoint_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     assert main(["tiny-checkpoint", str(folder)]) == 2
     assert "--force" in capsys.readouterr().err
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_progress_says_when_decoding_and_writing_start(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "a red fox", "--model", str(tiny_checkpoint), "--out", str(out)]
+    assert main(argv + ["--height", "32", "--width", "48", "--frames", "5", "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.index("kandinsky5: decoding the latents ...") < err.index("kandinsky5: writing the video ...")

@@ -452,6 +452,17 @@ class PhaseTimes:
         return (self.step_ends[-1] - self.step_ends[0]) / steps if steps > 0 else float("nan")
 
 
+class PhaseStatus:
+    """A line on stderr when decoding or writing starts (the progress bar covers the denoising steps), so the
+    seconds after the bar's 100 % are not silent; off with ``--no-progress``."""
+
+    SAID = {"decode": "decoding the latents", "write": "writing the video"}
+
+    def __call__(self, event) -> None:
+        if event.completed == 0 and event.phase in self.SAID:
+            print(f"kandinsky5: {self.SAID[event.phase]} ...", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class SeedResult:
     """How one seed of ``generate`` went: ``line`` is its summary line."""
@@ -498,6 +509,8 @@ def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResul
 
     times = PhaseTimes()
     control = RunControl(on_progress=times)
+    if not args.no_progress:
+        control.add_listener(PhaseStatus())
     seeded = dataclasses.replace(
         request, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", return_dict=True
     )
