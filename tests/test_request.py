@@ -22,6 +22,9 @@ BAD_VALUES = [
     ("num_inference_steps", 0, "--steps"),
     ("max_sequence_length", 0, "--max-sequence-length"),
     ("max_sequence_length", 1025, "--max-sequence-length"),
+    ("guidance_scale", float("nan"), "--guidance"),
+    ("guidance_scale", float("inf"), "--guidance"),
+    ("num_inference_steps", -3, "--steps"),
 ]
 
 

@@ -53,8 +53,20 @@ def frames_for_seconds(seconds: float, fps: int, temporal_compression: int = 4) 
     return temporal_compression * max(round(seconds * fps / temporal_compression), 0) + 1
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), exit status 2, as every other usage error; subcommand
+    parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(
+            2,
+            f"kandinsky5: error: {self.prog.removeprefix('kandinsky5').strip() or 'usage'}: {message} "
+            f"(see `{self.prog} --help`)\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kandinsky5", description="Kandinsky 5.0 video generation")
+    parser = OneLineErrorParser(prog="kandinsky5", description="Kandinsky 5.0 video generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(

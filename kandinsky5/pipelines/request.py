@@ -163,6 +163,9 @@ class GenerationRequest:
             prompt=[self.prompt] if isinstance(self.prompt, str) else self.prompt,
             num_videos_per_prompt=1 if self.num_videos_per_prompt is None else self.num_videos_per_prompt,
             output_type=self.output_type or DEFAULT_OUTPUT_TYPE,
+            max_sequence_length=(
+                DEFAULT_MAX_SEQUENCE_LENGTH if self.max_sequence_length is None else self.max_sequence_length
+            ),
             callback_on_step_end_tensor_inputs=list(tensor_inputs or DEFAULT_CALLBACK_TENSOR_INPUTS),
         )
 
