@@ -45,6 +45,7 @@ CASES = [
     ("generator", dict(generator=42)),
     ("latents", dict(latents=[1, 2])),
     ("guidance_scale", dict(guidance_scale=float("nan"))),
+    ("height", dict(height="32")),
     ("guidance_scale", dict(guidance_scale=True)),
     ("prompt", dict(prompt="")),
     ("prompt", dict(prompt=["ok", "  "])),

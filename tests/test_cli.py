@@ -504,3 +504,19 @@ def test_progress_says_when_decoding_and_writing_start(tiny_checkpoint, tmp_path
     assert main(argv + ["--height", "32", "--width", "48", "--frames", "5", "--steps", "2"]) == 0
     err = capsys.readouterr().err
     assert err.index("kandinsky5: decoding the latents ...") < err.index("kandinsky5: writing the video ...")
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused_before_loading(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    assert main(["generate", "a fox", "--model", str(folder), "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint folder" in err
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["generate", "a fox", "--model", "lite-sft-5s", "--out", "v.mp4", "--steps", "many"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--steps" in err and "--help" in err

@@ -276,10 +276,14 @@ def _resolve_model(args) -> tuple[Variant | None, Path | None]:
     """The variant ``--model`` names and the local checkpoint folder (``None`` for a hub id); a short name
     becomes its hub id."""
     from kandinsky5.loading.hub import is_hub_id
-    from kandinsky5.variants import variant_by_name, variant_for_folder
+    from kandinsky5.variants import CheckpointFacts, variant_by_name, variant_for_folder
 
     folder = Path(args.model).expanduser()
-    if folder.is_dir():
+    if args.model.strip() and folder.is_dir():
+        if CheckpointFacts.read(folder).pipeline_class_name is None:
+            raise UsageError(
+                f"--model: {folder} is no checkpoint folder (no readable model_index.json naming a pipeline)"
+            )
         return variant_for_folder(folder), folder
     variant = variant_by_name(args.model)
     if variant is not None:

@@ -317,7 +317,9 @@ def check_reference_inputs(
             f"max_sequence_length must be an integer between 1 and {LIMIT}, got {max_sequence_length!r}",
         )
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value % SIZE_MULTIPLE:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(name, f"`{name}` must be an integer number of pixels, got {value!r}")
+        if value % SIZE_MULTIPLE:
             raise RequestError(
                 name, f"`height` and `width` have to be divisible by {SIZE_MULTIPLE} but are {height} and {width}."
             )
