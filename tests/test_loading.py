@@ -98,8 +98,13 @@ def test_missing_local_directory(tmp_path):
 
 
 def test_unreachable_hub_id_says_offline_and_what_to_do(tmp_path):
-    with pytest.raises(CheckpointNotFoundError, match="offline.*local directory"):
+    from importlib.metadata import entry_points
+
+    with pytest.raises(CheckpointNotFoundError, match="offline.*local directory") as raised:
         resolve_checkpoint("kandinskylab/not-a-real-repo-Diffusers", cache_dir=tmp_path, local_files_only=True)
+    # the command it names is one the installed huggingface_hub has
+    assert "`hf download kandinskylab/not-a-real-repo-Diffusers --local-dir DIR`" in str(raised.value)
+    assert "hf" in {script.name for script in entry_points(group="console_scripts")}
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

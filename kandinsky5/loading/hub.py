@@ -50,6 +50,7 @@ def resolve_checkpoint(
         raise CheckpointNotFoundError(
             f"Could not get {text!r} from the Hugging Face Hub ({type(err).__name__}: {reason}). "
             "If this machine is offline, download the checkpoint elsewhere "
-            f"(e.g. `huggingface-cli download {text} --local-dir DIR`) and pass the local directory instead."
+            f"(e.g. `hf download {text} --local-dir DIR`, the huggingface_hub command) and pass the local directory "
+            "instead."
         ) from err
     return Path(folder)
