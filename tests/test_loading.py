@@ -121,3 +121,13 @@ def test_corrupt_weights_name_the_file(checkpoint_copy, damage):
 def test_bad_torch_dtype_is_named_before_reading(tmp_path, torch_dtype):
     with pytest.raises(ValueError, match="torch_dtype"):
         Kandinsky5T2VPipeline.from_pretrained(tmp_path / "never-read", torch_dtype=torch_dtype)
+
+
+def test_loading_is_quiet(reference_checkpoint, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    capfd.readouterr()
+    Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
+    out, err = capfd.readouterr()
+    assert out == "" and "Loading" not in err and "%|" not in err
+    assert transformers_logging.is_progress_bar_enabled()  # the user's setting is back
