@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from kandinsky5.models.text_encoders import transformers_quietly
+
 # Special tokens, as in the real tokenizers.
 QWEN_PAD_TOKEN = "<|endoftext|>"
 QWEN_IM_START = "<|im_start|>"
@@ -261,7 +263,8 @@ def write_tiny_text_components(root: Path, qwen_hidden_size: int, clip_hidden_si
         pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=clip_hidden_size, seed=seed + 1)
-    tokenizer.save_pretrained(str(root / "tokenizer"))
-    tokenizer_2.save_pretrained(str(root / "tokenizer_2"))
-    text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
-    text_encoder_2.save_pretrained(str(root / "text_encoder_2"), safe_serialization=True)
+    with transformers_quietly():
+        tokenizer.save_pretrained(str(root / "tokenizer"))
+        tokenizer_2.save_pretrained(str(root / "tokenizer_2"))
+        text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
+        text_encoder_2.save_pretrained(str(root / "text_encoder_2"), safe_serialization=True)

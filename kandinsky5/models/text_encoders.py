@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,21 +69,30 @@ def load_tokenizers(root: Path):
     return tokenizer, tokenizer_2
 
 
+@contextmanager
+def transformers_quietly() -> Iterator[None]:
+    """transformers' progress bars off inside (loading and saving report nothing unless asked), then back as
+    they were."""
+    from transformers.utils import logging as transformers_logging
+
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            transformers_logging.enable_progress_bar()
+
+
 def load_text_encoders(root: Path, torch_dtype: torch.dtype | None):
     """Qwen2.5-VL and CLIP from ``root``, quietly: transformers' per-file progress bars are off while they load
     (and back as they were after), since a pipeline's loading reports nothing unless asked."""
     from transformers import CLIPTextModel, Qwen2_5_VLForConditionalGeneration
-    from transformers.utils import logging as transformers_logging
 
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    bars_were_on = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
+    with transformers_quietly():
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root / "text_encoder"), **kwargs)
         text_encoder_2 = CLIPTextModel.from_pretrained(str(root / "text_encoder_2"), **kwargs)
-    finally:
-        if bars_were_on:
-            transformers_logging.enable_progress_bar()
     return text_encoder.eval().requires_grad_(False), text_encoder_2.eval().requires_grad_(False)
 
 
