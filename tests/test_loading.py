@@ -126,8 +126,9 @@ def test_bad_torch_dtype_is_named_before_reading(tmp_path, torch_dtype):
 def test_loading_is_quiet(reference_checkpoint, capfd):
     from transformers.utils import logging as transformers_logging
 
+    bars_on = transformers_logging.is_progress_bar_enabled()
     capfd.readouterr()
     Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
     out, err = capfd.readouterr()
     assert out == "" and "Loading" not in err and "%|" not in err
-    assert transformers_logging.is_progress_bar_enabled()  # the user's setting is back
+    assert transformers_logging.is_progress_bar_enabled() == bars_on  # the user's setting is back

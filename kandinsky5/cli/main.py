@@ -272,7 +272,7 @@ def size_for_image(image, variant: Variant | None):
     return closest_trained_size(image.width / image.height, trained)
 
 
-def _resolve_model(args) -> tuple[Variant | None, Path | None]:
+def _resolve_model(args, whole_checkpoint: bool = True) -> tuple[Variant | None, Path | None]:
     """The variant ``--model`` names and the local checkpoint folder (``None`` for a hub id); a short name
     becomes its hub id."""
     from kandinsky5.loading.hub import is_hub_id
@@ -280,7 +280,7 @@ def _resolve_model(args) -> tuple[Variant | None, Path | None]:
 
     folder = Path(args.model).expanduser()
     if args.model.strip() and folder.is_dir():
-        if CheckpointFacts.read(folder).pipeline_class_name is None:
+        if whole_checkpoint and CheckpointFacts.read(folder).pipeline_class_name is None:
             raise UsageError(
                 f"--model: {folder} is no checkpoint folder (no readable model_index.json naming a pipeline)"
             )
@@ -349,12 +349,9 @@ def cmd_generate(args) -> int:
     device, dtype = _device_and_dtype(args)
     _check_runtime_options(args, device)
 
-    from transformers.utils import logging as transformers_logging
-
     from kandinsky5.sampling.control import Phase, RunControl
 
-    transformers_logging.disable_progress_bar()  # one progress bar: ours, for sampling
-    start = time.perf_counter()
+    start = time.perf_counter()  # loading reports nothing (a download shows the hub client's progress)
     with interrupted_during("loading the model"):
         pipe = load_pipeline(args, request, device, dtype)
     load_s = time.perf_counter() - start
@@ -683,7 +680,7 @@ def _validate_decode(args):
         args.quality = header.number("quality", DEFAULT_QUALITY)
     if not 0 <= args.quality <= 10:
         raise UsageError(f"--quality must be within 0..10, got {args.quality}")
-    args.variant, _ = _resolve_model(args)
+    args.variant, _ = _resolve_model(args, whole_checkpoint=False)  # decode needs only its vae/ folder
     args.vae_folder = _vae_folder(args, header)
     return header
 
