@@ -65,24 +65,56 @@ class OneLineErrorParser(argparse.ArgumentParser):
         )
 
 
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output .mp4 path")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def add_device_options(parser: argparse.ArgumentParser, offload_help: str) -> None:
+    """Where and in what dtype the networks run, and the VAE's memory options (``generate`` and ``decode``)."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help=offload_help)
+    parser.add_argument(
+        "--vae-tiling",
+        choices=VAE_TILING_MODES,
+        default="auto",
+        help="spatial tiles in the VAE decode: auto (only when GPU memory is short; default), on, off",
+    )
+    parser.add_argument(
+        "--vae-channels-last", action="store_true", help="run the VAE's convolutions on channels-last activations"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="kandinsky5", description="Kandinsky 5.0 video generation")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    add_decode_parser(sub)
+    sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
 
+    tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight checkpoint (Diffusers layout)")
+    tiny.add_argument("directory", help="where to write it")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--task", choices=["t2v", "i2v"], default="t2v", help="text- or image-to-video (default t2v)")
+    tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    return parser
+
+
+def add_generate_parser(sub) -> None:
     gen = sub.add_parser(
         "generate",
         help="generate a video from a text prompt (and an --image)",
         description="Options left out take the model's recommended values (see `kandinsky5 models`).",
     )
     gen.add_argument("prompt", help="what the video shows")
+    add_output_options(gen)
     gen.add_argument(
         "--model",
         required=True,
         help="short name (e.g. lite-sft-5s; see `kandinsky5 models`), hub id "
         "(e.g. kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers) or a local checkpoint directory",
     )
-    gen.add_argument("--out", required=True, help="output .mp4 path")
-    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gen.add_argument(
         "--image", default=None, help="first frame: image-to-video (needs an I2V model); a path or http(s) URL"
     )
@@ -111,32 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0],
         help="random seed (default 0); several seeds make one video each (OUT-seedN.mp4), the prompt encoded once",
     )
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    gen.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
     gen.add_argument("--quality", type=float, default=DEFAULT_QUALITY, help="video quality 0..10 (default 9)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    gen.add_argument(
-        "--offload",
-        choices=OFFLOAD_MODES,
-        default="none",
-        help="model: components visit the GPU one at a time; sequential: layer by layer (least memory, slowest)",
-    )
     gen.add_argument("--attention-backend", default=None, help="auto, sdpa, cudnn, flash, efficient, math, flex")
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (regional)")
     gen.add_argument(
         "--fuse-qkv", action="store_true", help="fuse the attention projections (pipe.fuse_qkv_projections())"
     )
-    gen.add_argument(
-        "--vae-tiling",
-        choices=VAE_TILING_MODES,
-        default="auto",
-        help="spatial tiles in the VAE decode: auto (only when GPU memory is short; default), on, off",
-    )
-    gen.add_argument(
-        "--vae-channels-last", action="store_true", help="run the VAE's convolutions on channels-last activations"
+    add_device_options(
+        gen, "model: components visit the GPU one at a time; sequential: layer by layer (least memory, slowest)"
     )
 
+
+def add_decode_parser(sub) -> None:
     dec = sub.add_parser(
         "decode",
         help="decode latents kept by a failed `generate` into the video",
@@ -145,41 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         "`generate` would have written.",
     )
     dec.add_argument("latents", help="a .latents.safetensors file written by `kandinsky5 generate`")
+    add_output_options(dec)
     dec.add_argument(
         "--model",
         required=True,
         help="the model the latents were sampled with: short name, hub id or local checkpoint directory",
     )
-    dec.add_argument("--out", required=True, help="output .mp4 path")
-    dec.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     dec.add_argument("--fps", type=int, default=None, help="frames per second (default: the generate run's)")
     dec.add_argument("--quality", type=float, default=None, help="video quality 0..10 (default: the generate run's)")
-    dec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    dec.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
-    dec.add_argument(
-        "--offload",
-        choices=OFFLOAD_MODES,
-        default="none",
-        help="model: the VAE rests on the CPU and visits the GPU to decode; sequential: layer by layer",
-    )
-    dec.add_argument(
-        "--vae-tiling",
-        choices=VAE_TILING_MODES,
-        default="auto",
-        help="spatial tiles in the VAE decode: auto (only when GPU memory is short; default), on, off",
-    )
-    dec.add_argument(
-        "--vae-channels-last", action="store_true", help="run the VAE's convolutions on channels-last activations"
-    )
-
-    sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
-
-    tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight checkpoint (Diffusers layout)")
-    tiny.add_argument("directory", help="where to write it")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--task", choices=["t2v", "i2v"], default="t2v", help="text- or image-to-video (default t2v)")
-    tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty")
-    return parser
+    add_device_options(dec, "model: the VAE rests on the CPU and visits the GPU to decode; sequential: layer by layer")
 
 
 def _validate_generate(args):
