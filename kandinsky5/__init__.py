@@ -20,6 +20,7 @@ _EXPORTS = {
     "RunControl": "kandinsky5.sampling.control",
     "ProgressEvent": "kandinsky5.sampling.control",
     "GenerationCancelled": "kandinsky5.sampling.control",
+    "MagCacheConfig": "kandinsky5.sampling.caches.magcache",
     "export_to_video": "kandinsky5.io",
     "load_image": "kandinsky5.io",
 }

@@ -434,6 +434,9 @@ class Kandinsky5Transformer3DModel(ModelBase):
         self._stage_wrappers: dict[str, OrderedDict[int, StageWrapper]] = {
             stage: OrderedDict() for stage in WRAPPABLE_STAGES
         }
+        # enable_cache's step cache (a visual-blocks wrapper) and its wrap_stage handle
+        self._cache: Any = None
+        self._cache_handle: RemovableHandle | None = None
         self.time_embeddings = TimeEmbeddings(c.model_dim, c.time_dim)
         self.text_embeddings = TextEmbeddings(c.in_text_dim, c.model_dim)
         self.pooled_text_embeddings = TextEmbeddings(c.in_text_dim2, c.time_dim)
@@ -488,6 +491,30 @@ class Kandinsky5Transformer3DModel(ModelBase):
         handle = RemovableHandle(wrappers)
         wrappers[handle.id] = wrapper
         return handle
+
+    def enable_cache(self, config: Any) -> Any:
+        """Turn on a step cache (diffusers' method name): ``config`` is a
+        :class:`~kandinsky5.sampling.caches.MagCacheConfig`. Wraps the visual blocks (see :meth:`wrap_stage`) and
+        returns the wrapper, which reports ``skipped_calls`` / ``total_calls`` of the last generation. A second
+        call replaces the cache. The cache approximates: outputs differ from the exact path."""
+        from kandinsky5.sampling.caches import make_cache
+
+        cache = make_cache(config)
+        self.disable_cache()
+        self._cache_handle = self.wrap_stage(VISUAL_BLOCKS, cache)
+        self._cache = cache
+        return cache
+
+    def disable_cache(self) -> None:
+        """Turn off the step cache of :meth:`enable_cache` (nothing when there is none)."""
+        if self._cache_handle is not None:
+            self._cache_handle.remove()
+        self._cache = self._cache_handle = None
+
+    @property
+    def cache(self) -> Any:
+        """The step cache :meth:`enable_cache` turned on, or ``None``."""
+        return self._cache
 
     # ---- the forward ----
 

@@ -225,6 +225,22 @@ class Kandinsky5PipelineBase:
         if plan is not None:
             self._enable_offload(type(plan), None, plan.device)
 
+    # ------------------------------------------------------------------ step cache
+
+    def enable_magcache(self, resolution_class: str | None = None, **settings):
+        """Turn on MagCache with the official ratios of ``self.model_variant`` (at ``resolution_class``, "512" or
+        "1024"; default: the variant's default size's class) and ``settings`` (``threshold``, ``max_skip_steps``,
+        ``retention_ratio``: see :class:`~kandinsky5.sampling.caches.MagCacheConfig`). Returns the cache (its
+        ``skipped_calls`` / ``total_calls`` describe the last generation). ``ValueError`` when the variant is
+        unknown or has no official ratios. It approximates: outputs differ from the exact path."""
+        from kandinsky5.sampling.caches import magcache_config_for
+
+        return self.transformer.enable_cache(magcache_config_for(self.model_variant, resolution_class, **settings))
+
+    def disable_magcache(self) -> None:
+        """Turn the step cache off (``self.transformer.disable_cache()``)."""
+        self.transformer.disable_cache()
+
     # ------------------------------------------------------------------ progress bar
 
     def set_progress_bar_config(self, **kwargs) -> None:
