@@ -155,6 +155,7 @@ class FakePipeline:
     calls: list = []
 
     model_variant = None
+    transformer = SimpleNamespace(cache=None)
 
     def __init__(self, pipeline_class, model):
         self.loaded.append((pipeline_class.__name__, model))
@@ -520,3 +521,33 @@ def test_argparse_errors_are_one_line(capsys):
     assert raised.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--steps" in err and "--help" in err
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        (["--model", "lite-distilled-5s", "--cache", "magcache"], "no official"),
+        (["--model", "lite-sft-5s", "--cache-threshold", "0.2"], "--cache-threshold needs --cache magcache"),
+        (["--model", "lite-sft-5s", "--cache", "magcache", "--cache-threshold", "nan"], "--cache-threshold"),
+        (["--model", "lite-sft-5s", "--cache", "magcache", "--cache-threshold", "-1"], "--cache-threshold"),
+    ],
+)
+def test_bad_cache_options_fail_before_loading(fake_loading, tmp_path, capsys, options, expected):
+    assert generate(tmp_path, *options) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert fake_loading.loaded == []
+
+
+def test_magcache_skips_model_calls_and_says_how_many(tiny_checkpoint, tmp_path, capsys):
+    """A tiny checkpoint named after Lite sft 5 s gets its official ratios; a high threshold skips calls."""
+    import shutil
+
+    named = tmp_path / "Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers"
+    shutil.copytree(tiny_checkpoint, named)
+    out = tmp_path / "v.mp4"
+    cache = ["--cache", "magcache", "--cache-threshold", "10", "--guidance", "5"]
+    assert generate_tiny(named, out, "--steps", "10", *cache) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    skipped, total = summary.split("cache skipped ")[1].split(" model calls")[0].split(" of ")
+    assert int(total) == 20 and 0 < int(skipped) < int(total)

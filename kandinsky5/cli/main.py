@@ -24,6 +24,7 @@ SUBCOMMANDS = ("generate", "decode", "models", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_MODES = ("none", "model", "sequential")
 VAE_TILING_MODES = ("auto", "on", "off")
+CACHE_MODES = ("none", "magcache")
 DEVICE_TYPES = ("cpu", "cuda")
 # torch.Generator.manual_seed takes 64-bit seeds
 MAX_SEED = 2**64 - 1
@@ -151,6 +152,16 @@ def add_generate_parser(sub) -> None:
     gen.add_argument(
         "--fuse-qkv", action="store_true", help="fuse the attention projections (pipe.fuse_qkv_projections())"
     )
+    gen.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="none",
+        help="step caching: magcache reuses the visual blocks' work of steps whose output barely changes "
+        "(approximate: the video differs from the exact one; the model's official ratios)",
+    )
+    gen.add_argument(
+        "--cache-threshold", type=float, default=None, help="MagCache's error threshold (default 0.12; more skips more)"
+    )
     add_device_options(
         gen, "model: components visit the GPU one at a time; sequential: layer by layer (least memory, slowest)"
     )
@@ -203,7 +214,34 @@ def _validate_generate(args):
         args.frames = frames_for_seconds(args.seconds, args.fps)
     if first_frame is not None and args.height is None and args.width is None:
         args.height, args.width = size_for_image(first_frame, args.variant)
-    return build_request(args, facts, first_frame)
+    request = build_request(args, facts, first_frame)
+    args.cache_config = cache_config(args, request)
+    return request
+
+
+def cache_config(args, request):
+    """The step cache ``--cache`` asks for (``None``: none), checked before loading: the model must have official
+    ratios (those of the request's resolution class, or of the model's own class at a size it was not trained at),
+    the threshold must be a finite number >= 0."""
+    if args.cache == "none":
+        if args.cache_threshold is not None:
+            raise UsageError("--cache-threshold needs --cache magcache")
+        return None
+    from kandinsky5.resolutions import resolution_class_of
+    from kandinsky5.sampling.caches import magcache_config_for
+
+    settings = {}
+    if args.cache_threshold is not None:
+        if not (math.isfinite(args.cache_threshold) and args.cache_threshold >= 0):
+            raise UsageError(f"--cache-threshold must be a finite number >= 0, got {args.cache_threshold}")
+        settings["threshold"] = args.cache_threshold
+    # the ratios of the size's resolution class where the model was trained at it, else of its own default class
+    size_class = resolution_class_of(request.height, request.width)
+    trained = args.variant is not None and size_class in args.variant.trained_classes
+    try:
+        return magcache_config_for(args.variant, size_class.name if trained else None, **settings)
+    except ValueError as err:
+        raise UsageError(f"--cache magcache: {one_line(err)}") from err
 
 
 def build_request(args, facts, first_frame):
@@ -397,6 +435,8 @@ def load_pipeline(args, request, device, dtype):
         pipe.transformer.set_attention_backend(args.attention_backend)
     if args.compile:
         pipe.transformer.compile()
+    if args.cache_config is not None:
+        pipe.transformer.enable_cache(args.cache_config)
     pipe.set_progress_bar_config(disable=args.no_progress)
     return pipe
 
@@ -563,6 +603,9 @@ def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResul
         + f"sampling {times.seconds(Phase.DENOISE):.1f} s, decode {times.seconds(Phase.DECODE):.1f} s, "
         f"write {times.seconds(Phase.WRITE):.1f} s"
     )
+    cache = getattr(pipe.transformer, "cache", None)
+    if cache is not None:
+        line += f"; cache skipped {cache.skipped_calls} of {cache.total_calls} model calls"
     return SeedResult(seed, True, line)
 
 
