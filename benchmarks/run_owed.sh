@@ -15,6 +15,7 @@ RUNS=(
   "forward.py --model pro --repeats 2"
   "pipeline.py --model pro --height 768 --width 1024 --steps 2 --offload"
   "attention.py"
+  "magcache.py"
 )
 # A machine that received the repository alone (benchmarks/README.md): the carried wheels and reference files.
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu-check-site}

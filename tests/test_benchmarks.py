@@ -169,3 +169,15 @@ def test_gpu_check_targets_read_the_gpu_figures(tmp_path):
         "attention: NABLA 100 % x faster than cuDNN >= 1/1.3": False,
     }
     assert summary["status"] == "ok"  # the run went well; the targets are what it measured
+
+
+def test_magcache_benchmark_smoke(capsys):
+    """The MagCache benchmark runs exact and cached generations on the same weights; its decisions come from the
+    Lite sft 5 s ratios alone, so 10 steps of CFG (20 calls) skip some calls and keep some."""
+    import magcache
+
+    result = magcache.run(["--smoke"], save=False)
+    cached = result["magcache"]
+    assert cached["total_calls"] == 20 and 0 < cached["skipped_calls"] < 20
+    assert 0 < result["frames_relative_l2_vs_exact"] < 1  # it approximates
+    assert "skipped" in capsys.readouterr().out
