@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from kandinsky5.cli.calibrate import add_calibrate_parser, cmd_calibrate_cache
 from kandinsky5.variants import FPS as DEFAULT_FPS
 from kandinsky5.variants import VARIANTS, Task, Variant
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_decode_parser(sub)
+    add_calibrate_parser(sub)
     sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight checkpoint (Diffusers layout)")
@@ -953,6 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode": cmd_decode,
         "models": cmd_models,
         "tiny-checkpoint": cmd_tiny_checkpoint,
+        "calibrate-cache": cmd_calibrate_cache,
     }
     # SIGINT and SIGTERM unwind the command (every file is written under a temporary name and renamed when
     # complete, so nothing partial is left) and end it with one line and the status 130 or 143.

@@ -98,6 +98,14 @@ class MagCacheConfig:
         branch_ratios = {b: (FIRST_STEP_RATIO, *values) for b, values in given.items()}
         object.__setattr__(self, "branch_ratios", branch_ratios)
 
+    @classmethod
+    def from_ratios_file(cls, path, **settings) -> MagCacheConfig:
+        """The ratios and ``calibrated_steps`` of a file written by ``kandinsky5 calibrate-cache`` (or
+        :func:`~kandinsky5.sampling.caches.calibration.save_ratios`), with ``settings`` (threshold, ...)."""
+        from kandinsky5.sampling.caches.calibration import load_ratios
+
+        return cls(**load_ratios(path), **settings)
+
     def ratios_at(self, branch: Branch, num_steps: int) -> tuple[float, ...]:
         """``branch``'s ratio of each of ``num_steps`` steps: the calibrated ones, resampled (nearest) when
         ``num_steps`` differs from ``calibrated_steps``."""
@@ -239,8 +247,8 @@ def official_ratios_key(variant: Variant, resolution_class: str | None = None) -
         have = f" (it has them for the {' and '.join(sorted(keys))} class)" if keys else ""
         raise ValueError(
             f"{variant.short_name} has no official MagCache ratios at the {resolution} resolution class{have}. "
-            "Calibrating them (a MagCache calibration command, not yet available) will produce them; meanwhile "
-            "pass measured ratios as pipe.transformer.enable_cache(MagCacheConfig(ratios=...))."
+            "Measure them by calibration (`kandinsky5 calibrate-cache --model ... --prompts FILE --out ratios.json`) "
+            "and pass them as pipe.transformer.enable_cache(MagCacheConfig.from_ratios_file('ratios.json'))."
         )
     return keys[resolution]
 
