@@ -527,7 +527,9 @@ def test_argparse_errors_are_one_line(capsys):
     "options,expected",
     [
         (["--model", "lite-distilled-5s", "--cache", "magcache"], "no official"),
-        (["--model", "lite-sft-5s", "--cache-threshold", "0.2"], "--cache-threshold needs --cache magcache"),
+        (["--model", "lite-sft-5s", "--cache-threshold", "0.2"], "need --cache magcache"),
+        (["--model", "lite-sft-5s", "--cache-ratios", "r.json"], "need --cache magcache"),
+        (["--model", "lite-sft-5s", "--cache", "magcache", "--cache-ratios", "/no/such/ratios.json"], "--cache-ratios"),
         (["--model", "lite-sft-5s", "--cache", "magcache", "--cache-threshold", "nan"], "--cache-threshold"),
         (["--model", "lite-sft-5s", "--cache", "magcache", "--cache-threshold", "-1"], "--cache-threshold"),
     ],
@@ -548,6 +550,18 @@ def test_magcache_skips_model_calls_and_says_how_many(tiny_checkpoint, tmp_path,
     out = tmp_path / "v.mp4"
     cache = ["--cache", "magcache", "--cache-threshold", "10", "--guidance", "5"]
     assert generate_tiny(named, out, "--steps", "10", *cache) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    skipped, total = summary.split("cache skipped ")[1].split(" model calls")[0].split(" of ")
+    assert int(total) == 20 and 0 < int(skipped) < int(total)
+
+
+def test_calibrated_ratios_drive_the_cache_of_any_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    """A checkpoint without official ratios (the tiny one is no known variant) runs MagCache on a ratios file."""
+    from kandinsky5.sampling.caches.calibration import save_ratios
+
+    ratios = save_ratios(tmp_path / "ratios.json", {"condition": [0.97] * 9, "negative": [0.98] * 9})
+    cache = ["--cache", "magcache", "--cache-ratios", str(ratios), "--cache-threshold", "0.5", "--guidance", "5"]
+    assert generate_tiny(tiny_checkpoint, tmp_path / "v.mp4", "--steps", "10", *cache) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     skipped, total = summary.split("cache skipped ")[1].split(" model calls")[0].split(" of ")
     assert int(total) == 20 and 0 < int(skipped) < int(total)

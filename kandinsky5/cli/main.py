@@ -1,5 +1,6 @@
 """The ``kandinsky5`` command: ``generate`` a video, ``decode`` the latents a failed generate kept, list the official
-``models``, write a ``tiny-checkpoint`` for offline demos and tests.
+``models``, ``calibrate-cache`` (MagCache ratios for a checkpoint), write a ``tiny-checkpoint`` for offline demos and
+tests.
 
 Everything a user can get wrong is checked before a model is loaded; a generation that finished is never lost: when
 decoding or writing fails, the sampled latents are kept for ``decode``.
@@ -21,7 +22,7 @@ from kandinsky5.cli.calibrate import add_calibrate_parser, cmd_calibrate_cache
 from kandinsky5.variants import FPS as DEFAULT_FPS
 from kandinsky5.variants import VARIANTS, Task, Variant
 
-SUBCOMMANDS = ("generate", "decode", "models", "tiny-checkpoint")
+SUBCOMMANDS = ("generate", "decode", "models", "calibrate-cache", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_MODES = ("none", "model", "sequential")
 VAE_TILING_MODES = ("auto", "on", "off")
@@ -164,6 +165,11 @@ def add_generate_parser(sub) -> None:
     gen.add_argument(
         "--cache-threshold", type=float, default=None, help="MagCache's error threshold (default 0.12; more skips more)"
     )
+    gen.add_argument(
+        "--cache-ratios",
+        default=None,
+        help="MagCache ratios from `kandinsky5 calibrate-cache` (default: the model's official ones)",
+    )
     add_device_options(
         gen, "model: components visit the GPU one at a time; sequential: layer by layer (least memory, slowest)"
     )
@@ -226,8 +232,8 @@ def cache_config(args, request):
     ratios (those of the request's resolution class, or of the model's own class at a size it was not trained at),
     the threshold must be a finite number >= 0."""
     if args.cache == "none":
-        if args.cache_threshold is not None:
-            raise UsageError("--cache-threshold needs --cache magcache")
+        if args.cache_threshold is not None or args.cache_ratios is not None:
+            raise UsageError("--cache-threshold and --cache-ratios need --cache magcache")
         return None
     from kandinsky5.resolutions import resolution_class_of
     from kandinsky5.sampling.caches import magcache_config_for
@@ -240,6 +246,13 @@ def cache_config(args, request):
     # the ratios of the size's resolution class where the model was trained at it, else of its own default class
     size_class = resolution_class_of(request.height, request.width)
     trained = args.variant is not None and size_class in args.variant.trained_classes
+    if args.cache_ratios is not None:
+        from kandinsky5.sampling.caches import MagCacheConfig
+
+        try:
+            return MagCacheConfig.from_ratios_file(args.cache_ratios, **settings)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--cache-ratios: {one_line(err)}") from err
     try:
         return magcache_config_for(args.variant, size_class.name if trained else None, **settings)
     except ValueError as err:
