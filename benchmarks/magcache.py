@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from pipeline import PROMPT, build_pipelines, build_shared_components  # noqa: E402
+from pipeline import build_pipelines, build_shared_components, generation_arguments  # noqa: E402
 
 from kandinsky5 import MagCacheConfig, RunControl  # noqa: E402
 from kandinsky5.sampling.caches import official_ratios  # noqa: E402
@@ -39,17 +39,7 @@ def timed_generation(pipe, args, device: torch.device) -> tuple[dict, torch.Tens
     control = RunControl(on_progress=lambda e: denoise_events.append(e.elapsed_s) if e.phase is Phase.DENOISE else None)
     common.synchronize(device)
     start = time.perf_counter()
-    frames = pipe(
-        prompt=PROMPT,
-        height=args.height,
-        width=args.width,
-        num_frames=args.frames,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-        control=control,
-    ).frames
+    frames = pipe(**generation_arguments(args), output_type="pt", control=control).frames
     common.synchronize(device)
     row = {
         "end_to_end_seconds": time.perf_counter() - start,

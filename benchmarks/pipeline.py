@@ -127,6 +127,19 @@ def build_pipelines(components: dict):
     return {"kandinsky5": ours, "diffusers": reference}
 
 
+def generation_arguments(args) -> dict:
+    """The call's prompt, size, schedule and seed (the same for every pipeline and run)."""
+    return dict(
+        prompt=PROMPT,
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
 def run_pipeline(
     pipe, args, device: torch.device, out_dir: Path, label: str, export: bool = True
 ) -> tuple[dict, object]:
@@ -140,17 +153,7 @@ def run_pipeline(
     common.reset_peak_memory(device)
     common.synchronize(device)
     start = time.perf_counter()
-    frames = pipe(
-        prompt=PROMPT,
-        height=args.height,
-        width=args.width,
-        num_frames=args.frames,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-        callback_on_step_end=on_step_end,
-    ).frames[0]
+    frames = pipe(**generation_arguments(args), output_type="np", callback_on_step_end=on_step_end).frames[0]
     common.synchronize(device)
     sampled_and_decoded = time.perf_counter()
     mp4 = "not asked"
