@@ -84,3 +84,18 @@ def test_rope_tables_are_built_once_per_shape(reference_checkpoint):
     assert dit._text_rope.cache_info().misses == 2
     calls = 2 * SMALL["num_inference_steps"]
     assert dit._visual_rope.cache_info().hits == calls - 1
+
+
+def test_magcache_decides_without_reading_device_values(reference_checkpoint):
+    """MagCache's skip decisions come from the calibrated ratios alone: a cached loop queues as freely."""
+    from kandinsky5 import MagCacheConfig
+    from kandinsky5.sampling.caches import official_ratios
+    from kandinsky5.variants import get_variant
+
+    pipe = Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
+    pipe.set_progress_bar_config(disable=True)
+    cache = pipe.transformer.enable_cache(
+        MagCacheConfig(ratios=official_ratios(get_variant("lite-sft-5s")), threshold=10.0)
+    )
+    assert host_reads_in_loop(pipe, prompt="A fox", guidance_scale=5.0, num_inference_steps=6) == []
+    assert cache.skipped_calls > 0
