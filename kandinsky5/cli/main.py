@@ -364,8 +364,13 @@ def _check_runtime_options(args, device) -> None:
             validate_backend(args.attention_backend, device)
         except ValueError as err:
             raise UsageError(f"--attention-backend: {err}") from err
+    check_offload_device(args, device)
+
+
+def check_offload_device(args, device) -> None:
+    """``--offload`` (``generate`` and ``decode``) needs a GPU to offload to."""
     if args.offload != "none" and device.type == "cpu":
-        raise UsageError("--offload moves components between the CPU and a GPU; it needs --device cuda")
+        raise UsageError("--offload moves networks between the CPU and a GPU; it needs --device cuda")
 
 
 def _device_and_dtype(args):
@@ -783,8 +788,7 @@ def cmd_decode(args) -> int:
     the latents go through the pipeline's own ``decode_latents`` and ``output_type="np"`` conversion."""
     header = _validate_decode(args)
     device, dtype = _device_and_dtype(args)
-    if args.offload != "none" and device.type == "cpu":
-        raise UsageError("--offload moves the VAE between the CPU and a GPU; it needs --device cuda")
+    check_offload_device(args, device)
 
     from functools import partial
 

@@ -34,6 +34,7 @@ from kandinsky5.pipelines.request import (
     GenerationRequest,
     ModelFacts,
     check_reference_inputs,
+    noise_latent_shape,
 )
 from kandinsky5.resolutions import rope_scale_factor
 from kandinsky5.runtime.offload import (
@@ -353,21 +354,22 @@ class Kandinsky5PipelineBase:
     ) -> torch.Tensor:
         """Initial latents ``(batch, T, H, W, C')`` channels-last: noise, then for ``visual_cond`` models zero
         condition channels and a zero mask channel. Given ``latents`` with only the noise channels get the
-        condition channels appended; full-width ones are used as they are (copied, never modified)."""
-        shape = (
+        condition channels appended; full-width ones are used as they are (copied, never modified). A call has
+        checked their shape already (``GenerationRequest.check``)."""
+        shape = noise_latent_shape(
             batch_size,
-            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
-            int(height) // self.vae_scale_factor_spatial,
-            int(width) // self.vae_scale_factor_spatial,
+            num_frames,
+            height,
+            width,
             num_channels_latents,
+            self.vae_scale_factor_temporal,
+            self.vae_scale_factor_spatial,
         )
         if latents is not None:
             latents = latents.to(device=device, dtype=dtype).clone()
             full = self.transformer.config.visual_input_dim
             if latents.shape[-1] == full and full != num_channels_latents:
                 return latents
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"`latents` must have shape {shape} (or {shape[:-1] + (full,)}), got {latents.shape}")
         else:
             latents = noise.randn(shape, generator, device, dtype)
         if self.transformer.visual_cond:

@@ -222,12 +222,14 @@ class GenerationRequest:
 
     def latent_shape(self, facts: ModelFacts) -> tuple[int, int, int, int, int]:
         """The noise latents ``(videos, T, H, W, C)``, channels last."""
-        return (
+        return noise_latent_shape(
             self.num_videos,
-            (self.num_frames - 1) // facts.temporal_compression + 1,
-            self.height // facts.spatial_compression,
-            self.width // facts.spatial_compression,
+            self.num_frames,
+            self.height,
+            self.width,
             facts.noise_channels,
+            facts.temporal_compression,
+            facts.spatial_compression,
         )
 
     # ------------------------------------------------------------------ validation against a model
@@ -251,6 +253,14 @@ class GenerationRequest:
         check_batch(self)
         check_latents(self, facts)
         check_image(self, facts)
+
+
+def noise_latent_shape(
+    videos: int, num_frames: int, height: int, width: int, channels: int, temporal: int, spatial: int
+) -> tuple[int, int, int, int, int]:
+    """The noise latents of ``videos`` videos of ``num_frames`` frames at ``height x width``, channels last, for
+    a VAE compressing ``temporal`` times in time and ``spatial`` times a side."""
+    return (videos, (num_frames - 1) // temporal + 1, int(height) // spatial, int(width) // spatial, channels)
 
 
 def check_arguments(request: GenerationRequest) -> None:
