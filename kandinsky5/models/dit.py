@@ -298,6 +298,19 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """``out_layer(GELU(in_layer(x)))`` on tokens ``(..., tokens, dim)``, optionally in chunks of tokens.
+
+    The hidden activation is ``ff_dim / dim`` (2.5 to 4) times the size of the tokens, and GELU makes a second one.
+    With ``chunk_tokens`` set, at most that many tokens (of every batch row) go through the layers at a time and each
+    chunk's output is written into one preallocated output: every token's row takes the same products and sums as
+    unchunked (summed in the order the matrix multiply picks for the chunk's row count), and the hidden activation
+    is never larger than a chunk's. The chunk size is set from outside
+    (:func:`kandinsky5.runtime.chunking.enable_feed_forward_chunking`).
+    """
+
+    # Tokens per chunk of the sequence (dim -2); ``None``: all at once.
+    chunk_tokens: int | None = None
+
     def __init__(self, dim: int, ff_dim: int):
         super().__init__()
         self.in_layer = nn.Linear(dim, ff_dim, bias=False)
@@ -305,6 +318,18 @@ class FeedForward(nn.Module):
         self.out_layer = nn.Linear(ff_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk, tokens = self.chunk_tokens, x.shape[-2]
+        if chunk is None or chunk >= tokens:
+            return self.forward_unchunked(x)
+        first = self.forward_unchunked(x[..., :chunk, :])
+        out = first.new_empty((*x.shape[:-1], first.shape[-1]))
+        out[..., :chunk, :] = first
+        del first
+        for start in range(chunk, tokens, chunk):
+            out[..., start : start + chunk, :] = self.forward_unchunked(x[..., start : start + chunk, :])
+        return out
+
+    def forward_unchunked(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_layer(self.activation(self.in_layer(x)))
 
 
@@ -471,6 +496,20 @@ class Kandinsky5Transformer3DModel(ModelBase):
         from kandinsky5.runtime.fusion import unfuse_qkv_projections
 
         unfuse_qkv_projections(self)
+
+    def enable_forward_chunking(self, chunk_tokens: int | None = None) -> None:
+        """Run every block's feed-forward in chunks of at most ``chunk_tokens`` tokens (``None``: unchunked), same
+        values, a smaller hidden activation (diffusers' method name; unlike diffusers', ``None`` turns chunking off
+        and the chunks always split the token sequence). See :mod:`kandinsky5.runtime.chunking`."""
+        from kandinsky5.runtime.chunking import enable_feed_forward_chunking
+
+        enable_feed_forward_chunking(self, chunk_tokens)
+
+    def disable_forward_chunking(self) -> None:
+        """Undo :meth:`enable_forward_chunking`."""
+        from kandinsky5.runtime.chunking import disable_feed_forward_chunking
+
+        disable_feed_forward_chunking(self)
 
     def compile(self, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False, **kwargs):
         """Regional compilation: ``torch.compile`` each text and visual block in place (see
