@@ -148,7 +148,9 @@ def encode_qwen(
     ).to(device)
     # Padding is on the right and the encoder is causal, so real tokens never see it; like the reference we pass
     # no attention mask, which keeps even the padding positions' states equal to the reference's.
-    hidden = text_encoder(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states[-1]
+    # The base model, not the language-model head: its logits are never used (and block offload leaves it on the
+    # host). The hidden states are the same.
+    hidden = text_encoder.model(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states[-1]
     embeds = hidden[:, prefix_len:]
     lengths = inputs["attention_mask"][:, prefix_len:].sum(1)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32)

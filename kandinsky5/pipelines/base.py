@@ -93,7 +93,7 @@ class Kandinsky5PipelineBase:
         self.batched_guidance = False
         # diffusers' interrupt flag, set by step callbacks (``pipe._interrupt = True``): reset when a call starts
         self._interrupt = False
-        # set by enable_model_cpu_offload / enable_sequential_cpu_offload
+        # set by enable_model_cpu_offload / enable_sequential_cpu_offload / enable_block_offload
         self._offload_plan: OffloadPlan | None = None
         # the official checkpoint this is (set by from_pretrained; None when unknown): its defaults fill the
         # __call__ arguments left as None
@@ -195,13 +195,28 @@ class Kandinsky5PipelineBase:
         Least memory, slowest (see runtime/offload.py)."""
         self._enable_offload(SequentialCpuOffload, gpu_id, device)
 
-    def _enable_offload(self, plan_class: type[OffloadPlan], gpu_id, device) -> None:
+    def enable_block_offload(
+        self,
+        blocks_on_gpu: int = 1,
+        prefetch: int = 1,
+        gpu_id: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Model offload in which the transformer's blocks and the text encoder's decoder layers rest in pinned host
+        memory and stream to the device ``prefetch`` blocks ahead of the computing one, on a side stream, through
+        ``blocks_on_gpu + prefetch`` reused device buffers per group of blocks (see runtime/block_offload.py)."""
+        from kandinsky5.runtime.block_offload import BlockOffload, check_stream_settings
+
+        check_stream_settings(blocks_on_gpu, prefetch)
+        self._enable_offload(BlockOffload, gpu_id, device, blocks_on_gpu=blocks_on_gpu, prefetch=prefetch)
+
+    def _enable_offload(self, plan_class: type[OffloadPlan], gpu_id, device, **options) -> None:
         previous = self._offload_plan.device if self._offload_plan is not None else None
         execution_device = offload_execution_device(plan_class.method, gpu_id, device, previous)
         components = offload_components(self)
         self.remove_all_hooks()
         self.to("cpu")
-        self._offload_plan = plan_class(components, execution_device)
+        self._offload_plan = plan_class(components, execution_device, **options)
 
     def remove_all_hooks(self) -> None:
         """Turn offloading off: the hooks are removed and the networks left on the CPU."""
@@ -224,7 +239,16 @@ class Kandinsky5PipelineBase:
         self.remove_all_hooks()
         transform()
         if plan is not None:
-            self._enable_offload(type(plan), None, plan.device)
+            self._enable_offload(type(plan), None, plan.device, **plan.options)
+
+    def quantize(self, transformer: str | None = None, text_encoder: str | None = None) -> None:
+        """Low-bit weights, applied in place before any offloading (see runtime/quantization.py):
+        ``transformer`` "fp8" (float8 weights and activations, per-row scales; GPUs with FP8 units) or "int8"
+        (weight-only); ``text_encoder`` "int8" (torchao) or "nf4" (bitsandbytes). The approximation's error
+        against the exact path is stated and tested there."""
+        from kandinsky5.runtime.quantization import quantize_pipeline
+
+        quantize_pipeline(self, transformer=transformer, text_encoder=text_encoder)
 
     # ------------------------------------------------------------------ step cache
 

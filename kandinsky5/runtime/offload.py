@@ -93,6 +93,8 @@ class OffloadPlan:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self._handles: list[RemovableHandle] = []
+        # the keyword arguments the plan was made with (re-armed with them after a layout transform)
+        self.options: dict = {}
 
     def free(self) -> None:
         """Put everything back on the CPU (end of a generation); the hooks stay armed for the next one."""
@@ -134,17 +136,24 @@ class ModelCpuOffload(OffloadPlan):
             return
         leaving = [other for other in self.components if other in self.on_device and other != name]
         for other in leaving:
-            self.components[other].to(OFFLOAD_DEVICE)
+            self.move_out(other)
         if leaving:
             release_cached_memory(self.device)
         if name not in self.on_device:
-            self.components[name].to(self.device)
+            self.move_in(name)
         self.on_device = {name}
+
+    def move_in(self, name: str) -> None:
+        """Put component ``name`` on the device (a subclass may move only part of it)."""
+        self.components[name].to(self.device)
+
+    def move_out(self, name: str) -> None:
+        self.components[name].to(OFFLOAD_DEVICE)
 
     def free(self) -> None:
         for name in self.components:
             if name in self.on_device:
-                self.components[name].to(OFFLOAD_DEVICE)
+                self.move_out(name)
         if self.on_device:
             release_cached_memory(self.device)
         self.on_device = set()
