@@ -223,3 +223,19 @@ def test_block_offload_arguments_and_moves(pipe):
     assert pipe._offload_plan.options == {"blocks_on_gpu": 1, "prefetch": 1}
     pipe.remove_all_hooks()
     assert all(not module._forward_pre_hooks for module in pipe.transformer.modules())
+
+
+def test_quantized_blocks_stream_at_their_stored_size(pipe):
+    pytest.importorskip("torchao")
+    pipe.quantize(transformer="int8")
+    expected = run(pipe)
+    stream(pipe)
+    plan = pipe._offload_plan
+    got = run(pipe)
+    assert np.array_equal(got, expected)
+    block = plan.streams["transformer"].rings[-1].blocks[0]
+    linear = block.block.feed_forward.in_layer.weight
+    assert type(linear).__name__ == "Int8Tensor"
+    # a streamed block's bytes: int8 codes plus scales, about a quarter of its float32 linear weights
+    float_bytes = sum(p.numel() * 4 for p in block.block.parameters())
+    assert block.nbytes < float_bytes

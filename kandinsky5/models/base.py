@@ -76,6 +76,12 @@ class ComponentConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+def transform_owned(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a tensor subclass a transform made: torchao's low-bit weights report their
+    high-precision dtype, but casting them would not change how they are stored, so they keep it."""
+    return type(tensor) not in (torch.Tensor, nn.Parameter)
+
+
 class ModelBase(nn.Module):
     """Base of the package's networks.
 
@@ -117,12 +123,12 @@ class ModelBase(nn.Module):
             return param.device
         return torch.device("cpu")
 
-    def storage_dtype(self, name: str, dtype: torch.dtype, current: torch.dtype) -> torch.dtype:
-        """The dtype the tensor ``name``, stored in ``current``, takes when the model computes in ``dtype``: float32
-        in the float32 islands, ``current`` when it is no compute dtype (a transform's choice, e.g. FP8), else
-        ``dtype``."""
-        if current not in COMPUTE_DTYPES:
-            return current
+    def storage_dtype(self, name: str, dtype: torch.dtype, tensor: torch.Tensor) -> torch.dtype:
+        """The dtype the tensor ``name`` takes when the model computes in ``dtype``: float32 in the float32
+        islands, its own when that is no compute dtype or the tensor is a transform's (FP8 storage, a torchao
+        low-bit tensor: see :func:`transform_owned`), else ``dtype``."""
+        if tensor.dtype not in COMPUTE_DTYPES or transform_owned(tensor):
+            return tensor.dtype
         return FP32_ISLAND_DTYPE if self.keeps_fp32(name) else dtype
 
     def to_dtype(self, dtype: torch.dtype) -> Self:
@@ -131,7 +137,7 @@ class ModelBase(nn.Module):
         self.compute_dtype = check_compute_dtype(dtype)
         for name, param in self.named_parameters():
             if param.is_floating_point():
-                param.data = param.data.to(self.storage_dtype(name, dtype, param.dtype))
+                param.data = param.data.to(self.storage_dtype(name, dtype, param))
         return self
 
     def to(self, *args, **kwargs) -> Self:
@@ -142,7 +148,7 @@ class ModelBase(nn.Module):
         if dtype is None:
             return super().to(*args, **kwargs)
         check_compute_dtype(dtype)
-        targets = {id(t): self.storage_dtype(name, dtype, t.dtype) for name, t in self._named_tensors()}
+        targets = {id(t): self.storage_dtype(name, dtype, t) for name, t in self._named_tensors()}
 
         def convert(t: torch.Tensor) -> torch.Tensor:
             target = targets.get(id(t), dtype) if t.is_floating_point() else None

@@ -82,13 +82,21 @@ def fuse_projections(attention: Attention, names: tuple[str, ...]) -> None:
         setattr(attention, name, None)
 
 
+def equal_rows(tensor: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``tensor`` cut into ``count`` equal row slices (slicing, which torchao's low-bit tensors implement and
+    ``chunk`` not always)."""
+    rows = tensor.shape[0] // count
+    return [tensor[i * rows : (i + 1) * rows] for i in range(count)]
+
+
 def unfuse_projections(attention: Attention) -> None:
     """Undo :func:`fuse_projections`: separate linear layers holding copies of slices of the fused weights."""
     fused = getattr(attention, FUSED_PROJECTION)
     if fused is None:
         return
     names = attention.fused
-    for name, weight, bias in zip(names, fused.weight.chunk(len(names)), fused.bias.chunk(len(names)), strict=True):
+    parts = zip(names, equal_rows(fused.weight, len(names)), equal_rows(fused.bias, len(names)), strict=True)
+    for name, weight, bias in parts:
         layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
         layer.weight = nn.Parameter(weight.clone(), requires_grad=weight.requires_grad)
         layer.bias = nn.Parameter(bias.clone(), requires_grad=bias.requires_grad)
@@ -111,5 +119,5 @@ def split_fused_tensors(module: Attention, state_dict: dict, prefix: str, _metad
     for kind in TENSOR_KINDS:
         fused = state_dict.pop(f"{prefix}{FUSED_PROJECTION}.{kind}", None)
         if fused is not None:
-            for name, part in zip(module.fused, fused.chunk(len(module.fused)), strict=True):
+            for name, part in zip(module.fused, equal_rows(fused, len(module.fused)), strict=True):
                 state_dict[f"{prefix}{name}.{kind}"] = part
