@@ -218,6 +218,8 @@ def test_block_offload_arguments_and_moves(pipe):
     assert pipe._execution_device == torch.device(EXECUTION)
     with pytest.raises(ValueError, match="Block offload is on"):
         pipe.to("cuda")
+    with pytest.raises(ValueError, match="cast the pipeline"):
+        pipe.to(torch.bfloat16)
     pipe.fuse_qkv_projections()  # re-armed with the same settings
     assert isinstance(pipe._offload_plan, BlockOffload)
     assert pipe._offload_plan.options == {"blocks_on_gpu": 1, "prefetch": 1}

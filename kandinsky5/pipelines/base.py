@@ -153,6 +153,11 @@ class Kandinsky5PipelineBase:
                 device = arg
         if kwargs:
             raise TypeError(f"to() got unexpected keyword arguments {sorted(kwargs)}")
+        if dtype is not None and self._offload_plan is not None and self._offload_plan.holds_host_copies:
+            raise ValueError(
+                f"`{self._offload_plan.method}` keeps pinned host copies of the blocks: cast the pipeline "
+                f"(`pipe.to({dtype})`) before enabling it, or call `pipe.remove_all_hooks()` first"
+            )
         if device is not None and self._offload_plan is not None:
             self._offload_plan.pipeline_moving(torch.device(device))  # sequential: error; model: warning
         for module in self._modules():

@@ -393,6 +393,7 @@ class BlockOffload(ModelCpuOffload):
     """Model offload in which the transformer's and the text encoder's repeated blocks stream."""
 
     method = "enable_block_offload"
+    holds_host_copies = True
 
     def __init__(
         self,

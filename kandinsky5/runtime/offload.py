@@ -89,6 +89,8 @@ class OffloadPlan:
 
     # the pipeline method that makes this plan, for messages
     method = ""
+    # whether the plan keeps its own host copies of weights (a cast of the networks would bypass them)
+    holds_host_copies = False
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
