@@ -1,6 +1,6 @@
 """The ``kandinsky5`` command: ``generate`` a video, ``decode`` the latents a failed generate kept, list the official
-``models``, ``calibrate-cache`` (MagCache ratios for a checkpoint), write a ``tiny-checkpoint`` for offline demos and
-tests.
+``models``, ``plan`` the memory of a generation per offload mode, ``calibrate-cache`` (MagCache ratios for a
+checkpoint), write a ``tiny-checkpoint`` for offline demos and tests.
 
 Everything a user can get wrong is checked before a model is loaded; a generation that finished is never lost: when
 decoding or writing fails, the sampled latents are kept for ``decode``.
@@ -19,12 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kandinsky5.cli.calibrate import add_calibrate_parser, cmd_calibrate_cache
+from kandinsky5.cli.plan import add_plan_parser, add_quantize_options, cmd_plan
 from kandinsky5.variants import FPS as DEFAULT_FPS
 from kandinsky5.variants import VARIANTS, Task, Variant
 
-SUBCOMMANDS = ("generate", "decode", "models", "calibrate-cache", "tiny-checkpoint")
+SUBCOMMANDS = ("generate", "decode", "models", "plan", "calibrate-cache", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OFFLOAD_MODES = ("none", "model", "sequential")
+# auto: the fastest mode whose memory plan fits the GPU's free memory (kandinsky5/runtime/memory_plan.py)
+OFFLOAD_MODES = ("auto", "none", "model", "blocks", "sequential")
 VAE_TILING_MODES = ("auto", "on", "off")
 CACHE_MODES = ("none", "magcache")
 DEVICE_TYPES = ("cpu", "cuda")
@@ -77,7 +79,7 @@ def add_device_options(parser: argparse.ArgumentParser, offload_help: str) -> No
     """Where and in what dtype the networks run, and the VAE's memory options (``generate`` and ``decode``)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--offload", choices=OFFLOAD_MODES, default="none", help=offload_help)
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, default="auto", help=offload_help)
     parser.add_argument(
         "--vae-tiling",
         choices=VAE_TILING_MODES,
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_decode_parser(sub)
+    add_plan_parser(sub)
     add_calibrate_parser(sub)
     sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
 
@@ -130,16 +133,7 @@ def add_generate_parser(sub) -> None:
         default=None,
         help="classifier-free guidance scale; 1 disables it (default: 5, nocfg and distilled models 1)",
     )
-    gen.add_argument(
-        "--height", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 512, Pro 768)"
-    )
-    gen.add_argument(
-        "--width", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 768, Pro 1280)"
-    )
-    length = gen.add_mutually_exclusive_group()
-    length.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: 121, 10 s 241)")
-    length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
-    gen.add_argument("--fps", type=int, default=None, help=f"frames per second of the file (default {DEFAULT_FPS})")
+    add_size_options(gen)
     gen.add_argument(
         "--seed",
         type=int,
@@ -170,9 +164,27 @@ def add_generate_parser(sub) -> None:
         default=None,
         help="MagCache ratios from `kandinsky5 calibrate-cache` (default: the model's official ones)",
     )
+    add_quantize_options(gen)
     add_device_options(
-        gen, "model: components visit the GPU one at a time; sequential: layer by layer (least memory, slowest)"
+        gen,
+        "auto (default): the fastest mode that fits the GPU's free memory (see `kandinsky5 plan`; none on a CPU); "
+        "model: components visit the GPU one at a time; blocks: the transformer's blocks and the text encoder's "
+        "layers stream to the GPU; sequential: layer by layer (least memory, slowest)",
     )
+
+
+def add_size_options(parser: argparse.ArgumentParser) -> None:
+    """The video's size and length (``generate`` and ``plan``)."""
+    parser.add_argument(
+        "--height", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 512, Pro 768)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 768, Pro 1280)"
+    )
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: 121, 10 s 241)")
+    length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
+    parser.add_argument("--fps", type=int, default=None, help=f"frames per second of the file (default {DEFAULT_FPS})")
 
 
 def add_decode_parser(sub) -> None:
@@ -192,7 +204,11 @@ def add_decode_parser(sub) -> None:
     )
     dec.add_argument("--fps", type=int, default=None, help="frames per second (default: the generate run's)")
     dec.add_argument("--quality", type=float, default=None, help="video quality 0..10 (default: the generate run's)")
-    add_device_options(dec, "model: the VAE rests on the CPU and visits the GPU to decode; sequential: layer by layer")
+    add_device_options(
+        dec,
+        "auto (default): none, unless the VAE and its decode do not fit the GPU's free memory (then sequential); "
+        "model (or blocks): the VAE rests on the CPU and visits the GPU to decode; sequential: layer by layer",
+    )
 
 
 def _validate_generate(args):
@@ -368,9 +384,36 @@ def _check_runtime_options(args, device) -> None:
 
 
 def check_offload_device(args, device) -> None:
-    """``--offload`` (``generate`` and ``decode``) needs a GPU to offload to."""
-    if args.offload != "none" and device.type == "cpu":
+    """``--offload`` (``generate`` and ``decode``) needs a GPU to offload to (``auto`` picks ``none`` on a CPU)."""
+    if args.offload not in ("auto", "none") and device.type == "cpu":
         raise UsageError("--offload moves networks between the CPU and a GPU; it needs --device cuda")
+
+
+def check_quantize_options(args, device, dtype) -> None:
+    """``--quantize-transformer`` / ``--quantize-text-encoder``, checked before loading: the device can run the mode
+    (FP8 units), its package is installed, and fp8 gets bfloat16 weights."""
+    from kandinsky5.runtime.quantization import FP8_WEIGHT_DTYPE, check_quantize_arguments
+
+    for option, transformer, text_encoder in (
+        ("--quantize-transformer", args.quantize_transformer, None),
+        ("--quantize-text-encoder", None, args.quantize_text_encoder),
+    ):
+        if transformer is None and text_encoder is None:
+            continue
+        try:
+            check_quantize_arguments(transformer, text_encoder, device)
+        except (ValueError, ImportError) as err:
+            raise UsageError(f"{option} {transformer or text_encoder}: {one_line_message(err)}") from err
+    if args.quantize_transformer == "fp8" and dtype != FP8_WEIGHT_DTYPE:
+        raise UsageError(
+            f"--quantize-transformer fp8 needs {str(FP8_WEIGHT_DTYPE).removeprefix('torch.')} weights; "
+            f"pass --dtype {str(FP8_WEIGHT_DTYPE).removeprefix('torch.')} (got {str(dtype).removeprefix('torch.')})"
+        )
+
+
+def one_line_message(err: BaseException) -> str:
+    """``err``'s message on one line."""
+    return " ".join(str(err).split())
 
 
 def _device_and_dtype(args):
@@ -397,9 +440,13 @@ def _device_and_dtype(args):
 
 
 def cmd_generate(args) -> int:
+    from kandinsky5.cli.plan import resolve_generate_offload
+
     request = _validate_generate(args)
     device, dtype = _device_and_dtype(args)
     _check_runtime_options(args, device)
+    check_quantize_options(args, device, dtype)
+    resolve_generate_offload(args, request, device, dtype)
 
     from kandinsky5.sampling.control import Phase, RunControl
 
@@ -439,6 +486,8 @@ def load_pipeline(args, request, device, dtype):
     # layout transforms first: offloading then arms its hooks on the final layers
     if args.fuse_qkv:
         pipe.fuse_qkv_projections()
+    if args.quantize_transformer is not None or args.quantize_text_encoder is not None:
+        pipe.quantize(transformer=args.quantize_transformer, text_encoder=args.quantize_text_encoder)
     if args.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last_3d)
     if args.vae_tiling == "on":
@@ -447,10 +496,14 @@ def load_pipeline(args, request, device, dtype):
         pipe.vae.disable_tiling()
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
+    elif args.offload == "blocks":
+        pipe.enable_block_offload(device=device)
     elif args.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if getattr(args, "ff_chunk_tokens", None) is not None:
+        pipe.transformer.enable_forward_chunking(args.ff_chunk_tokens)
     if args.attention_backend is not None:
         pipe.transformer.set_attention_backend(args.attention_backend)
     if args.compile:
@@ -679,8 +732,9 @@ def decode_command(args, latents: Path, out: Path, out_of_memory: bool = False) 
         parts += ["--device", args.device]
     if args.dtype != "auto":
         parts += ["--dtype", args.dtype]
-    if args.offload != "none":
-        parts += ["--offload", args.offload]
+    offload = getattr(args, "offload_asked", args.offload)  # as given: decode's auto decides for the VAE alone
+    if offload != "auto":
+        parts += ["--offload", offload]
     tiling = "on" if out_of_memory else args.vae_tiling
     if tiling != "auto":
         parts += ["--vae-tiling", tiling]
@@ -779,16 +833,20 @@ def load_vae(args, device, dtype):
         vae.disable_tiling()
     if args.offload == "none":
         return vae.to(device), None
-    plan_class = ModelCpuOffload if args.offload == "model" else SequentialCpuOffload
+    # blocks: the VAE has no streamed blocks and moves whole, as under model offload
+    plan_class = SequentialCpuOffload if args.offload == "sequential" else ModelCpuOffload
     return vae, plan_class({"vae": vae}, offload_execution_device(plan_class.method, None, device, None))
 
 
 def cmd_decode(args) -> int:
     """Decode a latents file kept by ``generate`` into the MP4 it would have written: only the VAE is loaded, and
     the latents go through the pipeline's own ``decode_latents`` and ``output_type="np"`` conversion."""
+    from kandinsky5.cli.plan import resolve_decode_offload
+
     header = _validate_decode(args)
     device, dtype = _device_and_dtype(args)
     check_offload_device(args, device)
+    resolve_decode_offload(args, header, device, dtype)
 
     from functools import partial
 
@@ -971,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "decode": cmd_decode,
         "models": cmd_models,
+        "plan": cmd_plan,
         "tiny-checkpoint": cmd_tiny_checkpoint,
         "calibrate-cache": cmd_calibrate_cache,
     }
