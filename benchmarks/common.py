@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import importlib.metadata
 import json
 import platform
@@ -51,6 +52,10 @@ PRO = dict(
 SMOKE = dict(tiny.TINY_TRANSFORMER.to_dict(), in_text_dim=64)
 CONFIGS = {"lite": LITE, "pro": PRO, "smoke": SMOKE}
 
+# The VAE's compression (HunyuanVideo: 8x in space, 4x in time).
+VAE_SPATIAL = 8
+VAE_TEMPORAL = 4
+
 # Measured ceilings on an H100 (shared/reference/README.md), for the roofline fraction.
 DENSE_MATMUL_TFLOPS = 740.0
 ATTENTION_TFLOPS = {64: 484.0, 128: 623.0}  # cuDNN, by head_dim
@@ -73,6 +78,30 @@ def roofline_seconds(config: dict, flops: dict[str, float]) -> float:
     head_dim = sum(config["axes_dims"])
     attention_rate = ATTENTION_TFLOPS.get(head_dim, ATTENTION_TFLOPS[64]) * 1e12
     return flops["linear"] / (DENSE_MATMUL_TFLOPS * 1e12) + flops["attention"] / attention_rate
+
+
+def dit_inputs(
+    config: dict, height: int, width: int, frames: int, device: torch.device, dtype: torch.dtype, text_tokens: int
+) -> tuple:
+    """Seeded random inputs of one DiT forward at a video size: ``model(*inputs).sample`` (forward.py's inputs:
+    latents with the condition channels, ``text_tokens`` text embeddings, pooled text, timestep 950, RoPE positions,
+    scale (1, 2, 2))."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    t, h, w = (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL
+    channels = 2 * config["in_visual_dim"] + 1 if config.get("visual_cond") else config["in_visual_dim"]
+    x = torch.randn(1, t, h, w, channels, generator=gen).to(device, dtype)
+    text = torch.randn(1, text_tokens, config["in_text_dim"], generator=gen).to(device, dtype)
+    pooled = torch.randn(1, config["in_text_dim2"], generator=gen).to(device, dtype)
+    timestep = torch.tensor([950.0], device=device).to(dtype)
+    _, patch_h, patch_w = config["patch_size"]
+    rope_pos = [torch.arange(n, device=device) for n in (t, h // patch_h, w // patch_w)]
+    return x, text, timestep, pooled, rope_pos, torch.arange(text_tokens, device=device), (1, 2, 2)
+
+
+def visual_tokens(config: dict, height: int, width: int, frames: int) -> int:
+    _, patch_h, patch_w = config["patch_size"]
+    latent_frames = (frames - 1) // VAE_TEMPORAL + 1
+    return latent_frames * (height // (VAE_SPATIAL * patch_h)) * (width // (VAE_SPATIAL * patch_w))
 
 
 def environment() -> dict:
@@ -123,6 +152,27 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def peak_reserved_gib(device: torch.device) -> float | None:
+    """The caching allocator's peak reserved memory (what the process held from the GPU) since the last reset."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / 2**30
+
+
+def allocated_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def release_memory(device: torch.device) -> None:
+    """On a GPU, collect dropped tensors and hand the allocator's cached blocks back, so that the next measurement
+    starts from what is really held (nothing to measure on a CPU, where a collection only costs time)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -133,14 +183,15 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def save_results(name: str, payload: dict, smoke: bool) -> Path | None:
-    """Write ``benchmarks/results/<name>.json`` and say where (smoke runs are printed only)."""
+def save_results(name: str, payload: dict, smoke: bool, quiet: bool = False) -> Path | None:
+    """Write ``benchmarks/results/<name>.json`` and say where unless ``quiet`` (smoke runs are printed only)."""
     if smoke:
         return None
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"saved {path}")
+    if not quiet:
+        print(f"saved {path}")
     return path
 
 

@@ -2,16 +2,18 @@
 
 ``gpu_check.sh`` is the command to run; it handles installs, time boxes and ``$OUT``, and calls this file:
 
-    python benchmarks/gpu_check.py init --out DIR --budget 480 --boxes install=35,... [--smoke]  # all pending
+    python benchmarks/gpu_check.py init --out DIR --budget 480 --boxes install=30,... [--smoke]  # all pending
     python benchmarks/gpu_check.py part NAME... --out DIR [--smoke] [--record]  # parts in this process; each
                                                                 # writes its JSON as it goes
     python benchmarks/gpu_check.py record NAME --out DIR --rc RC --started T [--log FILE --log-offset N]
     python benchmarks/gpu_check.py verdict --out DIR            # the summary as a table; exit 0 when all went well
 
-Files under DIR (at most 8, what a device run brings back): ``gpu-check.json`` (the summary: every part's status,
-seconds, time box and headline numbers, rewritten after each part), ``gpu-check-<part>.json`` (the part's own
-result: the benchmark script's full JSON, written after each of its rows, so a part cut off by its time box keeps
-what it finished) and ``gpu-check.log`` (everything printed; written by the shell script).
+Files under DIR (at most ``MAX_FILES`` = 8, what a device run brings back): ``gpu-check.json`` (the summary: every
+part's status, seconds, time box and headline numbers, rewritten after each part), ``gpu-check-<part>.json`` (the
+part's own result: the benchmark script's full JSON, written after each of its rows, so a part cut off by its time
+box keeps what it finished) and ``gpu-check.log`` (everything printed; written by the shell script). The install
+part's few facts are folded into the summary (its entry's ``detail``) once recorded, its file removed: so the seven
+parts leave 8 files.
 
 Only ``part`` imports torch (not for ``install --smoke``); the other commands take well under a second.
 """
@@ -33,15 +35,26 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
-PARTS = ("install", "gpu-tests", "forward", "vae", "attention", "pipeline")
+PARTS = ("install", "gpu-tests", "forward", "vae", "attention", "pipeline", "memory")
 SUMMARY = "gpu-check.json"
+# The device tool brings back at most this many files from $OUT (/work/.library/device/README.md).
+MAX_FILES = 8
+# Parts whose JSON goes into the summary once recorded (their file removed), to stay within MAX_FILES.
+INLINE_PARTS = ("install",)
 # The measured parts: the benchmark script reused, and its arguments on the GPU.
 MEASURED = {
     # eager and compiled: compiled is the option expected to gain most (benchmarks/README.md, "The GPU check")
     "forward": ("forward", ["--model", "lite", "--variants", "eager,compiled", "--repeats", "2"]),
     "vae": ("vae", ["--variants", "diffusers,ours,ours-channels-last", "--repeats", "1"]),
     "attention": ("attention", ["--lengths", "47616", "--densities", "0.1", "1.0"]),
-    "pipeline": ("pipeline", ["--model", "lite", "--steps", "4", "--warmup-steps", "1", "--skip-vae-timing"]),
+    # 2 steps: the second is timed (the first also waits for the text encoders), extrapolated to 50
+    "pipeline": ("pipeline", ["--model", "lite", "--steps", "2", "--warmup-steps", "1", "--skip-vae-timing"]),
+    # the issue's Lite modes; blocks right after resident, so that a run cut short still checks the targets; no
+    # warm-up run: of the 2 steps the first warms up and the second is timed
+    "memory": (
+        "memory",
+        ["--model", "lite", "--modes", "resident,blocks,model,diffusers", "--steps", "2", "--warmup-steps", "0"],
+    ),
 }
 # --smoke runs each script with the same arguments plus ``--smoke`` (tiny models on the CPU) and these: the
 # script paths the GPU check skips but the CPU suite must keep working (forward.py's fused variants).
@@ -89,6 +102,13 @@ TARGETS = {
         "max",
         138.0,
     ),
+    "memory: Lite 512x768x121 whole pipeline in blocks mode, peak GiB <= 8": (
+        "memory",
+        ("blocks", "peak_allocated_gib"),
+        "max",
+        8.0,
+    ),
+    "memory: Lite blocks mode s/step vs resident <= 1.10": ("memory", ("blocks", "slowdown_vs_resident"), "max", 1.10),
 }
 LOG_TAIL_CHARS = 4000
 
@@ -203,12 +223,16 @@ def record(
         payload["error"] = "; ".join(payload["problems"])
     if log is not None and payload["status"] != "ok":
         payload["log_tail"] = log[-LOG_TAIL_CHARS:]
-    write_json(part_file(out, part), payload)
+    inline = part in INLINE_PARTS
+    if not inline:
+        write_json(part_file(out, part), payload)
 
     summary = read_json(out / SUMMARY) or init(out, False, 0, {}, list(PARTS))
     for entry in summary["parts"]:
         if entry["name"] == part:
-            entry.update(status=payload["status"], seconds=seconds, json=part_file(out, part).name)
+            entry.update(status=payload["status"], seconds=seconds, json=None if inline else part_file(out, part).name)
+            if inline:
+                entry["detail"] = payload
             if box is not None:
                 entry["box_seconds"] = box
             for key in ("reason", "error"):
@@ -231,6 +255,8 @@ def record(
         done = {"ok", "skipped", "not requested"}
         summary["status"] = "ok" if all(status in done for status in statuses) else "failed"
     write_json(out / SUMMARY, summary)
+    if inline:  # its content is in the summary now
+        part_file(out, part).unlink(missing_ok=True)
     return summary
 
 
@@ -290,6 +316,23 @@ def headline(part: str, payload: dict) -> dict:
         if "extrapolation" in result:
             rows["extrapolation"] = result["extrapolation"]
         return rows
+    if part == "memory":
+        keys = (
+            "peak_allocated_gib",
+            "peak_reserved_gib",
+            "seconds_per_step",
+            "slowdown_vs_resident",
+            "frames_relative_l2_vs_resident",
+        )
+        rows = {}
+        for label, row in result.get("results", {}).items():
+            phases = row.get("phases") or {}
+            rows[label] = {
+                **pick(row, keys),
+                "phase_peaks_gib": {phase: (p or {}).get("peak_allocated_gib") for phase, p in phases.items()},
+                "estimated_peak_gib": (row.get("estimated_peak_gib") or {}).get("peak_gib"),
+            }
+        return rows
     return {}
 
 
@@ -308,6 +351,10 @@ def relative_l2_of(part: str, payload: dict) -> dict[str, float]:
         }
     if part == "pipeline" and "frames_relative_l2_vs_diffusers" in result:
         return {"pipeline frames": result["frames_relative_l2_vs_diffusers"]}
+    # the frames of diffusers' model-offload run against our resident run's (VAE tiling on in both)
+    diffusers = result.get("results", {}).get("diffusers model", {}) if part == "memory" else {}
+    if diffusers.get("frames_relative_l2_vs_resident") is not None:
+        return {"memory frames, tiled VAE": diffusers["frames_relative_l2_vs_resident"]}
     return {}
 
 

@@ -4,20 +4,25 @@
 # hang cannot eat the rest:
 #
 #   part       box  what
-#   install     35  the carried wheels (.whl/) into a private folder; diffusers, CUDA and the tokenizers checked
-#   gpu-tests   90  python -m pytest -v tests/test_gpu.py
-#   forward    105  one Lite DiT forward, 512x768x121, bf16: diffusers, ours eager, ours compiled (first call apart)
-#   vae         70  VAE decode of 121 frames at 512x768, bf16: diffusers, ours, ours channels-last
-#   attention   50  NABLA flex attention at 10 % and 100 % block density, L = 47,616, with its compile time
-#   pipeline   120  Lite T2V, 4 steps, CFG 5, both pipelines; end-to-end extrapolated to 50 steps
+#   install     30  the carried wheels (.whl/) into a private folder; diffusers, CUDA and the tokenizers checked
+#   gpu-tests   80  python -m pytest -v tests/test_gpu.py
+#   forward     95  one Lite DiT forward, 512x768x121, bf16: diffusers, ours eager, ours compiled (first call apart)
+#   vae         60  VAE decode of 121 frames at 512x768, bf16: diffusers, ours, ours channels-last
+#   attention   35  NABLA flex attention at 10 % and 100 % block density, L = 47,616, with its compile time
+#   pipeline    90  Lite T2V, 2 steps, CFG 5, both pipelines; end-to-end extrapolated to 50 steps
+#   memory      80  Lite T2V 512x768x121, 2 steps, VAE tiling: peak memory per phase and s/step of ours resident,
+#                   blocks and model offload, and of diffusers' model offload
 #              ---
 #              470  + 10 s kept for the kill grace and bookkeeping = a 480 s budget. Each box is also cut to what
 #                   the budget has left, so the whole never overruns it (a part left with under 10 s is skipped).
+#                   In the whole check (no --parts) the last part gets all that is left, its box and what the
+#                   others did not use (unless GPU_CHECK_BOXES sets its box).
 #                   GPU_CHECK_BUDGET=seconds and GPU_CHECK_BOXES=part=seconds,... change them.
 #
 # After each part it writes $OUT/gpu-check.json (the summary: every part's status, seconds and headline numbers)
-# and $OUT/gpu-check-<part>.json (the part's own JSON, rewritten after each measured row); everything printed goes
-# to $OUT/gpu-check.log. $OUT defaults to benchmarks/results/. Exit status 0 when every part ran and passed.
+# and $OUT/gpu-check-<part>.json (the part's own JSON, rewritten after each measured row; the install part's goes
+# into the summary); everything printed goes to $OUT/gpu-check.log: 8 files, as many as the device tool brings
+# back. $OUT defaults to benchmarks/results/. Exit status 0 when every part ran and passed.
 #
 #   bash benchmarks/gpu_check.sh                         # the whole check (on the GPU machine)
 #   bash benchmarks/gpu_check.sh --parts forward,vae     # some parts only (a rerun after a fix)
@@ -30,23 +35,26 @@ REPO=$PWD
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-480}
-PARTS=(install gpu-tests forward vae attention pipeline)
-declare -A BOX=([install]=35 [gpu-tests]=90 [forward]=105 [vae]=70 [attention]=50 [pipeline]=120)
+PARTS=(install gpu-tests forward vae attention pipeline memory)
+declare -A BOX=([install]=30 [gpu-tests]=80 [forward]=95 [vae]=60 [attention]=35 [pipeline]=90 [memory]=80)
 MIN_BOX=10
 RESERVE=10  # timeout's 5 s grace before SIGKILL, and the JSON bookkeeping after each part
 GPU_CHECK_BOXES=${GPU_CHECK_BOXES:-}
+declare -A GIVEN=()
 for item in ${GPU_CHECK_BOXES//,/ }; do
   [ -n "${BOX[${item%%=*}]:-}" ] || { echo "gpu_check.sh: GPU_CHECK_BOXES: unknown part in $item" >&2; exit 2; }
   BOX[${item%%=*}]=${item#*=}
+  GIVEN[${item%%=*}]=1
 done
 
 smoke=0
+whole=1  # the whole check (no --parts): its last part gets all that is left of the budget
 requested=$(IFS=,; echo "${PARTS[*]}")
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) smoke=1 ;;
-    --parts) requested=${2:?--parts needs a comma-separated list}; shift ;;
-    --parts=*) requested=${1#--parts=} ;;
+    --parts) requested=${2:?--parts needs a comma-separated list}; whole=0; shift ;;
+    --parts=*) requested=${1#--parts=}; whole=0 ;;
     -h | --help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -56,7 +64,7 @@ for part in ${requested//,/ }; do
   [ -n "${BOX[$part]:-}" ] || { echo "gpu_check.sh: unknown part $part (${PARTS[*]})" >&2; exit 2; }
 done
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-MEASURED=(forward vae attention pipeline)
+MEASURED=(forward vae attention pipeline memory)
 
 if [ "$smoke" = 1 ]; then
   OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-smoke.XXXXXX")}
@@ -110,11 +118,12 @@ run_part() {
 export -f run_part
 export PY OUT smoke smoke_flag GPU_CHECK_SITE
 
-# Run "$1" in a time box of "$2" seconds (cut to the budget's rest) and record it as the parts "$3" (default "$1").
+# Run "$1" in a time box of "$2" seconds (cut to the budget's rest; the last part to run gets all of the rest) and
+# record it as the parts "$3" (default "$1").
 boxed() {
   local name=$1 box=$2 parts=${3:-$1} left offset started rc
   left=$((start + BUDGET - RESERVE - $(date +%s)))
-  ((box > left)) && box=$left
+  if ((box > left)) || [ "$name" = "$last" ]; then box=$left; fi
   if ((box < MIN_BOX)); then
     local why="a time box of ${box} s (under ${MIN_BOX}; ${left} s of the budget left)"
     echo "== $parts: skipped, $why" | tee -a "$LOG"
@@ -139,6 +148,13 @@ boxed() {
   done
 }
 
+# In the whole check, the last box runs in all that is left of the budget (a rerun of some parts keeps its boxes,
+# and so does a part whose box GPU_CHECK_BOXES sets). The smoke's measured parts run in one box, last.
+last=""
+if [ "$whole" = 1 ]; then
+  if [ "$smoke" = 1 ]; then last=smoke; else last=${PARTS[-1]}; fi
+  [ -n "${GIVEN[$last]:-}" ] && last=""
+fi
 smoke_parts=""
 smoke_box=0
 for part in "${PARTS[@]}"; do

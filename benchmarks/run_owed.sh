@@ -4,6 +4,10 @@
 #   bash benchmarks/run_owed.sh 1 2      # the full forward and VAE benchmarks (each fits one 10-minute command)
 # Run 0 writes its JSON to $OUT (benchmarks/results/ when unset) itself. The others write to benchmarks/results/;
 # what they wrote is copied to $OUT when that is set. A failed run is reported and the next one still runs.
+# Runs 8-12 are the memory table (benchmarks/memory.py), one device command each; expected on an H200 (estimates
+# from the H100 figures in shared/reference, dense attention): 8 ~4 min, 9 ~7 min, 10 ~7 min, 11 ~4 min, 12 ~3 min.
+# The runs that quantize also put the torchao wheel of .whl/quantization/ on the path (only they: an import of
+# diffusers must not depend on it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -16,12 +20,26 @@ RUNS=(
   "pipeline.py --model pro --height 768 --width 1024 --steps 2 --offload"
   "attention.py"
   "magcache.py"
+  # the memory table: Lite, every mode (warm-up run of 1 step per row)
+  "memory.py --model lite --modes resident,blocks,model,sequential,diffusers"
+  # Pro at 768x1280x121 (a CFG step of the dense 19B DiT takes about a minute: no warm-up run, the first of the 2
+  # steps warms up), two rows per command
+  "memory.py --model pro --modes resident,blocks --warmup-steps 0"
+  "memory.py --model pro --modes model,diffusers --warmup-steps 0"
+  "memory.py --model pro --modes sequential --warmup-steps 0"
+  # one Pro DiT forward at 768x1280x121 in bf16 and with FP8 weights (needs torchao: .whl/quantization/)
+  "memory.py --model pro --modes none --fp8-forward --repeats 1"
 )
 # A machine that received the repository alone (benchmarks/README.md): the carried wheels and reference files.
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu-check-site}
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null && [ ! -d "$SITE" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+fi
+QUANTIZATION_SITE=$SITE-quantization
+if compgen -G ".whl/quantization/*.whl" >/dev/null && [ ! -d "$QUANTIZATION_SITE" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$QUANTIZATION_SITE" \
+    .whl/quantization/*.whl
 fi
 if [ -z "${KANDINSKY5_REFERENCE_DIR:-}" ] && [ ! -d ../shared/reference ] && [ -d .reference ]; then
   export KANDINSKY5_REFERENCE_DIR=$PWD/.reference
@@ -37,8 +55,10 @@ for n in "${@:-0}"; do
     continue
   fi
   echo "== run $n: python3 benchmarks/$run"
+  path=$PYTHONPATH
+  [[ "$run" == *"--fp8-forward"* || "$run" == *"--quantize-transformer"* ]] && path=$QUANTIZATION_SITE:$PYTHONPATH
   # shellcheck disable=SC2086
-  python3 "benchmarks/"$run || { echo "== run $n failed"; status=1; }
+  PYTHONPATH=$path python3 "benchmarks/"$run || { echo "== run $n failed"; status=1; }
 done
 if [ -n "${OUT:-}" ] && [ -d benchmarks/results ] && [ "$(realpath "$OUT")" != "$(realpath benchmarks/results)" ]; then
   find benchmarks/results -maxdepth 1 -name '*.json' -newer "$started" -exec cp {} "$OUT"/ \;

@@ -1,6 +1,7 @@
 """The benchmark scripts still run: ``bash benchmarks/gpu_check.sh --smoke`` runs every part of the GPU check (the
-forward, VAE, attention and pipeline benchmarks, with the arguments of the GPU run plus ``--smoke``) on tiny models
-on the CPU, in one process, and its JSON must list every part and report float32-close numbers. The shell script's
+forward, VAE, attention, pipeline and memory benchmarks, with the arguments of the GPU run plus ``--smoke``) on tiny
+models on the CPU, in one process, and its JSON must list every part, report float32-close numbers and stay within
+the files a device run brings back. The shell script's
 own bookkeeping (time boxes, the summary after each part, the verdict) is checked on a part that needs no GPU.
 
 No timing is asserted here; timings come from GPU runs of the scripts themselves.
@@ -50,12 +51,24 @@ def test_gpu_check_smoke_lists_every_part(smoke):
     # reason; every measured part ran
     assert statuses == {"install": "ok", "gpu-tests": "skipped", **dict.fromkeys(gpu_check.MEASURED, "ok")}
     assert list(statuses) == list(gpu_check.PARTS)
+    entries = {part["name"]: part for part in summary["parts"]}
     for name in gpu_check.PARTS:
-        part = read(smoke, f"gpu-check-{name}.json")
+        if name in gpu_check.INLINE_PARTS:  # folded into the summary, its file removed
+            part = entries[name]["detail"]
+            assert entries[name]["json"] is None and not (smoke / f"gpu-check-{name}.json").exists()
+        else:
+            part = read(smoke, f"gpu-check-{name}.json")
         assert part["status"] == statuses[name]
         if name in gpu_check.MEASURED:
             assert part["result"]["benchmark"]
             assert part["command"].endswith("--smoke")
+    assert entries["install"]["detail"]["versions"]["diffusers"] == gpu_check.DIFFUSERS_VERSION
+    # the device tool brings back at most MAX_FILES files: the summary, the log and one JSON per part but install
+    assert sorted(path.name for path in smoke.iterdir()) == sorted(
+        [gpu_check.SUMMARY, "gpu-check.log"]
+        + [f"gpu-check-{name}.json" for name in gpu_check.PARTS if name not in gpu_check.INLINE_PARTS]
+    )
+    assert len(list(smoke.iterdir())) <= gpu_check.MAX_FILES
 
 
 def test_gpu_check_smoke_numbers_within_float32_bounds(smoke):
@@ -63,7 +76,7 @@ def test_gpu_check_smoke_numbers_within_float32_bounds(smoke):
     l2 = read(smoke, gpu_check.SUMMARY)["relative_l2_vs_diffusers"]
     forward = {f"forward kandinsky5 {variant}" for variant in FORWARD_VARIANTS}
     vae = {"vae kandinsky5", "vae kandinsky5 channels-last"}
-    assert set(l2) == forward | vae | {"pipeline frames"}
+    assert set(l2) == forward | vae | {"pipeline frames", "memory frames, tiled VAE"}
     # the eager forward does diffusers' arithmetic operation for operation: bit-equal
     assert l2["forward kandinsky5 eager"] == 0.0
     # fused projections sum in another order; compiled variants run eagerly in smoke runs (their inductor numbers
@@ -72,6 +85,8 @@ def test_gpu_check_smoke_numbers_within_float32_bounds(smoke):
     # the VAE's per-frame causal attention sums in another order; channels-last convolutions too
     assert max(l2[key] for key in vae) <= VAE_DECODE_RELATIVE_L2
     assert l2["pipeline frames"] <= PIPELINE_FRAMES_RELATIVE_L2
+    # diffusers' model-offload frames against our resident ones (VAE tiling on in both)
+    assert l2["memory frames, tiled VAE"] <= PIPELINE_FRAMES_RELATIVE_L2
 
 
 def test_gpu_check_smoke_reports_what_the_gpu_run_needs(smoke):
@@ -99,6 +114,16 @@ def test_gpu_check_smoke_reports_what_the_gpu_run_needs(smoke):
     }
     assert 0 < channels_last["GroupNorm"]["channels_last_in"] == channels_last["GroupNorm"]["channels_last_out"]
     assert channels_last["Conv3d"]["channels_last_in"] > 0
+    # memory: the issue's Lite modes, each with its three phases' peaks (None on a CPU) and its step time against
+    # resident; offloading changes no arithmetic
+    memory = heads["memory"]
+    assert list(memory) == ["resident", "blocks", "model", "diffusers model"]
+    for label, row in memory.items():
+        assert list(row["phase_peaks_gib"]) == ["text encoding", "sampling", "decoding"]
+        assert row["seconds_per_step"] > 0 and row["slowdown_vs_resident"] > 0
+        if label != "resident":
+            assert row["frames_relative_l2_vs_resident"] <= PIPELINE_FRAMES_RELATIVE_L2
+    assert memory["blocks"]["frames_relative_l2_vs_resident"] == 0.0
 
 
 def test_gpu_check_skips_a_part_whose_time_box_is_too_short(tmp_path):
@@ -140,7 +165,7 @@ def test_gpu_check_record_reads_the_exit_code(tmp_path, rc, status):
 
 def test_gpu_check_targets_read_the_gpu_figures(tmp_path):
     """The summary checks the README's targets on the headline of each part that ran (here made-up GPU figures)."""
-    gpu_check.init(tmp_path, False, 480, {}, ["forward", "attention"])
+    gpu_check.init(tmp_path, False, 480, {}, ["forward", "attention", "memory"])
     rows = {
         "diffusers": {"seconds_per_forward": 1.9},
         "kandinsky5 eager": {"seconds_per_forward": 1.5, "relative_l2_vs_diffusers": 3e-3},
@@ -155,7 +180,12 @@ def test_gpu_check_targets_read_the_gpu_figures(tmp_path):
             for k, d, x in kernels
         ],
     }
-    for part, result in (("forward", {"results": rows}), ("attention", {"sizes": [size]})):
+    memory = {
+        "resident": {"peak_allocated_gib": 24.1, "seconds_per_step": 2.6, "phases": {}},
+        "blocks": {"peak_allocated_gib": 7.4, "seconds_per_step": 2.9, "slowdown_vs_resident": 2.9 / 2.6},
+    }
+    parts = (("forward", {"results": rows}), ("attention", {"sizes": [size]}), ("memory", {"results": memory}))
+    for part, result in parts:
         gpu_check.write_json(tmp_path / f"gpu-check-{part}.json", {"part": part, "status": "ok", "result": result})
         summary = gpu_check.record(tmp_path, part, 0, 1.0)
     met = {name: target["met"] for name, target in summary["targets"].items()}
@@ -167,6 +197,8 @@ def test_gpu_check_targets_read_the_gpu_figures(tmp_path):
         "attention: NABLA compile s <= 60": True,
         "attention: NABLA 10 % x faster than cuDNN >= 6": True,
         "attention: NABLA 100 % x faster than cuDNN >= 1/1.3": False,
+        "memory: Lite 512x768x121 whole pipeline in blocks mode, peak GiB <= 8": True,
+        "memory: Lite blocks mode s/step vs resident <= 1.10": False,
     }
     assert summary["status"] == "ok"  # the run went well; the targets are what it measured
 
@@ -181,3 +213,83 @@ def test_magcache_benchmark_smoke(capsys):
     assert cached["total_calls"] == 20 and 0 < cached["skipped_calls"] < 20
     assert 0 < result["frames_relative_l2_vs_exact"] < 1  # it approximates
     assert "skipped" in capsys.readouterr().out
+
+
+def test_memory_benchmark_smoke(monkeypatch, capsys):
+    """Every mode of the memory benchmark runs on the same tiny weights (our transformer int8, so that the quantized
+    path runs too), with the FP8 forward. Each row passes through the three phases in order; a phase's peak counters
+    are reset once its network has arrived (checked here on the offload plans' bookkeeping: on a CPU there is no
+    memory to read); offloading changes no arithmetic."""
+    import memory
+
+    pipes = {}
+
+    def build_pipelines(components):
+        pipes.update(original_build(components))
+        return pipes
+
+    original_build = memory.build_pipelines
+    monkeypatch.setattr(memory, "build_pipelines", build_pipelines)
+    settled = []  # (mode, phase, the networks our offload plan has on the device) at each reset of the counters
+    original_settle = memory.PhaseMeter._settle
+
+    def settle(self, *args):
+        if self.current is not None and not self.settled:
+            on_device = getattr(pipes["kandinsky5"]._offload_plan, "on_device", None)  # model and block offload
+            settled.append((self.current, None if on_device is None else sorted(on_device)))
+        return original_settle(self, *args)
+
+    monkeypatch.setattr(memory.PhaseMeter, "_settle", settle)
+    modes = "resident,blocks,model,sequential,diffusers"
+    argv = ["--smoke", "--modes", modes, "--quantize-transformer", "int8", "--fp8-forward"]
+    result = memory.run(argv, save=False)
+
+    rows = result["results"]
+    assert list(rows) == ["resident", "blocks", "model", "sequential", "diffusers model"]
+    for label, row in rows.items():
+        assert row["phase_order"] == list(memory.PHASES)
+        assert set(row["phases"]) == set(memory.PHASES)
+        assert all(phase["seconds"] >= 0 for phase in row["phases"].values())
+        assert row["peak_allocated_gib"] is None  # no GPU
+        assert row["seconds_per_step"] > 0 and row["slowdown_vs_resident"] > 0
+        if label in ("blocks", "model", "sequential"):
+            assert row["frames_relative_l2_vs_resident"] == 0.0
+            assert row["quantize_transformer"] == "int8"
+    # diffusers' transformer keeps the bf16... here float32 weights: its frames differ by the int8 error alone
+    assert 0 < rows["diffusers model"]["frames_relative_l2_vs_resident"] < 0.1
+    # two resets per row after the text encoding: once the DiT, then once the VAE has arrived (our model and block
+    # offload: the network that has just left is gone by then); resident and sequential have nothing to wait for
+    phases = [("sampling", ["transformer"]), ("decoding", ["vae"])]
+    unplanned = [("sampling", None), ("decoding", None)]
+    assert settled == unplanned + phases + phases + unplanned + unplanned
+    fp8 = result["fp8_forward"]
+    assert fp8["relative_l2"] <= memory.FP8_RELATIVE_L2_TARGET
+    assert 1 < fp8["roofline_speedup_bound"] < 2
+    assert set(result["targets"]) == {"smoke FP8 forward: speed-up >= 1.3", "smoke FP8 forward: relative L2 <= 0.03"}
+    try:
+        import kandinsky5.runtime.memory_plan  # noqa: F401
+    except ImportError:
+        pass
+    else:  # the plan's estimate beside each row
+        assert all(row["estimated_peak_gib"]["peak_gib"] > 0 for row in rows.values())
+    out = capsys.readouterr().out
+    assert "diffusers model" in out and "FP8" in out
+
+
+def test_memory_targets_are_checked_on_the_blocks_row():
+    import argparse
+
+    import memory
+
+    args = argparse.Namespace(height=512, width=768, frames=121)
+    rows = {"resident": {}, "blocks": {"peak_allocated_gib": 7.9, "slowdown_vs_resident": 1.12}}
+    targets = memory.check_targets("lite", args, rows, None)
+    assert {key: t["met"] for key, t in targets.items()} == {
+        "lite 512x768x121 blocks mode: whole-pipeline peak GiB <= 8": True,
+        "lite 512x768x121 blocks mode: s/step vs resident <= 1.1": False,
+    }
+    args = argparse.Namespace(height=768, width=1024, frames=121)
+    targets = memory.check_targets("pro", args, rows, {"speedup": 1.2, "relative_l2": 1e-2})
+    assert {t["note"] for t in targets.values() if "note" in t} == {"measured at 768x1024x121"}
+    assert targets["pro FP8 forward: speed-up >= 1.3"]["met"] is False
+    assert targets["pro FP8 forward: relative L2 <= 0.03"]["met"] is True
