@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import sys
 import time
@@ -30,6 +31,9 @@ OFFLOAD_MODES = ("auto", "none", "model", "blocks", "sequential")
 VAE_TILING_MODES = ("auto", "on", "off")
 CACHE_MODES = ("none", "magcache")
 DEVICE_TYPES = ("cpu", "cuda")
+# Loggers that print while libraries import, about those libraries, not the user's run: torchao (which transformers
+# imports when it is installed) on optional kernels this build lacks, and torch's pytree on what torchao registers.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
 # torch.Generator.manual_seed takes 64-bit seeds
 MAX_SEED = 2**64 - 1
 DEFAULT_QUALITY = 9.0
@@ -1023,8 +1027,15 @@ def interrupt_report(err: KeyboardInterrupt) -> tuple[str, int]:
     return line + (f"; {kept}" if kept else ""), 128 + signum
 
 
+def silence_import_noise() -> None:
+    """Keep the command's stderr to its own lines: only errors of :data:`IMPORT_NOISE_LOGGERS` get through."""
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    silence_import_noise()
     handlers = {
         "generate": cmd_generate,
         "decode": cmd_decode,
