@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -420,6 +420,34 @@ def join_time_tiles(tiles: list[torch.Tensor], blend_frames: int, stride_frames:
     return torch.cat(kept, dim=2)
 
 
+def spatial_tiles(x: torch.Tensor, tile_size: tuple[int, int], stride: tuple[int, int]) -> list[list[torch.Tensor]]:
+    """The overlapping ``(height, width)`` tiles of ``x`` (views), row by row: ``tile_size`` every ``stride``."""
+    height, width = x.shape[-2:]
+    return [
+        [x[..., i : i + tile_size[0], j : j + tile_size[1]] for j in range(0, width, stride[1])]
+        for i in range(0, height, stride[0])
+    ]
+
+
+def stitch_tiles(
+    rows: list[list[torch.Tensor]], blend: tuple[int, int], keep: tuple[int, int], out_size: tuple[int, int]
+) -> torch.Tensor:
+    """Stitch processed tiles (``rows``, as :func:`spatial_tiles` lays them out): each is blended, in place, with the
+    tile above (``blend[0]``) and the tile to the left (``blend[1]``), its first ``keep`` rows and columns kept, and
+    the whole cropped to ``out_size``."""
+    stitched_rows = []
+    for i, row in enumerate(rows):
+        kept = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                blend_(rows[i - 1][j], tile, blend[0], dim=-2)
+            if j > 0:
+                blend_(row[j - 1], tile, blend[1], dim=-1)
+            kept.append(tile[..., : keep[0], : keep[1]])
+        stitched_rows.append(torch.cat(kept, dim=-1))
+    return torch.cat(stitched_rows, dim=-2)[..., : out_size[0], : out_size[1]]
+
+
 def tile_spatially(
     x: torch.Tensor,
     run: Callable[[torch.Tensor], torch.Tensor],
@@ -434,22 +462,32 @@ def tile_spatially(
     ``tile_size`` and ``stride`` are in the input's space; ``blend`` (overlap cross-faded with the tile above and the
     tile to the left), ``keep`` (part of each tile kept) and ``out_size`` (final crop) in the output's space.
     """
-    height, width = x.shape[-2:]
-    rows = [
-        [run(x[..., i : i + tile_size[0], j : j + tile_size[1]]) for j in range(0, width, stride[1])]
-        for i in range(0, height, stride[0])
-    ]
-    stitched_rows = []
-    for i, row in enumerate(rows):
-        kept = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                blend_(rows[i - 1][j], tile, blend[0], dim=-2)
-            if j > 0:
-                blend_(row[j - 1], tile, blend[1], dim=-1)
-            kept.append(tile[..., : keep[0], : keep[1]])
-        stitched_rows.append(torch.cat(kept, dim=-1))
-    return torch.cat(stitched_rows, dim=-2)[..., : out_size[0], : out_size[1]]
+    rows = [[run(tile) for tile in row] for row in spatial_tiles(x, tile_size, stride)]
+    return stitch_tiles(rows, blend, keep, out_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TiledDecode:
+    """One decode as the tile decodes it is made of: ``inputs``, the latent pieces (views) in the order they are
+    decoded, each by ``vae._decode_tile``; ``join(outputs)`` blends and joins their decoded pieces, taken from the
+    iterator ``outputs`` in that order, into the video.
+
+    ``join`` pulls the pieces as it needs them, so a lazy ``map`` over ``inputs`` decodes them in the order and with
+    the memory of a decode done in one place; ``kandinsky5.runtime.parallel.vae`` decodes them on several ranks and
+    joins the gathered pieces with the same code, hence the same bits.
+    """
+
+    inputs: list[torch.Tensor]
+    join: Callable[[Iterator[torch.Tensor]], torch.Tensor]
+
+    @classmethod
+    def single(cls, z: torch.Tensor) -> TiledDecode:
+        """A decode in one piece."""
+        return cls([z], next)
+
+    def run(self, decode_tile: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Decode every piece with ``decode_tile`` (lazily, in order) and join them."""
+        return self.join(map(decode_tile, self.inputs))
 
 
 class AutoencoderKLHunyuanVideo(ModelBase):
@@ -662,50 +700,63 @@ class AutoencoderKLHunyuanVideo(ModelBase):
         return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
     def _decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
+        return self.decode_plan(z, tiled).run(self._decode_tile)
+
+    def decode_plan(self, z: torch.Tensor, tiled: bool) -> TiledDecode:
+        """The tile decodes of decoding latents ``z`` (one batch slice) and how they join: the frame-wise path's
+        temporal chunks when ``z`` has more latent frames than a temporal tile, each chunk (or the whole) in spatial
+        tiles when ``tiled`` and it exceeds a spatial tile (``tiled``: :meth:`tiling_needed`)."""
         num_frames, height, width = z.shape[2:]
         if self.use_framewise_decoding and num_frames > self._tile_latent_min_num_frames:
-            return self._temporal_tiled_decode(z, tiled)
+            return self._temporal_tiled_decode_plan(z, tiled)
         if tiled and self._exceeds_latent_tile(height, width):
-            return self._tiled_decode(z)
-        return self._decode_tile(z)
+            return self._tiled_decode_plan(z)
+        return TiledDecode.single(z)
 
     def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         z = z.contiguous(memory_format=weight_memory_format(self.decoder.conv_in.conv))
         return self.decoder(self.post_quant_conv(z))
 
-    def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _tiled_decode_plan(self, z: torch.Tensor) -> TiledDecode:
         ratio = self.spatial_compression_ratio
-        return tile_spatially(
-            z,
-            self._decode_tile,
-            tile_size=self._tile_latent_min_size,
-            stride=self._tile_latent_stride,
-            blend=(
-                self.tile_sample_min_height - self.tile_sample_stride_height,
-                self.tile_sample_min_width - self.tile_sample_stride_width,
-            ),
-            keep=(self.tile_sample_stride_height, self.tile_sample_stride_width),
-            out_size=(z.shape[-2] * ratio, z.shape[-1] * ratio),
+        rows = spatial_tiles(z, self._tile_latent_min_size, self._tile_latent_stride)
+        row_lengths = [len(row) for row in rows]
+        blend = (
+            self.tile_sample_min_height - self.tile_sample_stride_height,
+            self.tile_sample_min_width - self.tile_sample_stride_width,
         )
+        keep = (self.tile_sample_stride_height, self.tile_sample_stride_width)
+        out_size = (z.shape[-2] * ratio, z.shape[-1] * ratio)
 
-    def _temporal_tiled_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
+        def join(outputs: Iterator[torch.Tensor]) -> torch.Tensor:
+            decoded = [[next(outputs) for _ in range(length)] for length in row_lengths]
+            return stitch_tiles(decoded, blend, keep, out_size)
+
+        return TiledDecode([tile for row in rows for tile in row], join)
+
+    def _temporal_tiled_decode_plan(self, z: torch.Tensor, tiled: bool) -> TiledDecode:
         num_frames = z.shape[2]
         num_sample_frames = (num_frames - 1) * self.temporal_compression_ratio + 1
-        tiles = []
+        chunks = []
         for start in range(0, num_frames, self._tile_latent_stride_num_frames):
             # one latent frame more than the tile size, the causal first frame
             chunk = z[:, :, start : start + self._tile_latent_min_num_frames + 1]
-            if tiled and self._exceeds_latent_tile(*chunk.shape[-2:]):
-                tile = self._tiled_decode(chunk)
-            else:
-                tile = self._decode_tile(chunk)
-            if start > 0:
-                # the chunk's first latent frame decodes to a single frame the previous tile already covers
-                tile = tile[:, :, 1:]
-            tiles.append(tile)
+            spatial = tiled and self._exceeds_latent_tile(*chunk.shape[-2:])
+            chunks.append(self._tiled_decode_plan(chunk) if spatial else TiledDecode.single(chunk))
         blend_frames = self.tile_sample_min_num_frames - self.tile_sample_stride_num_frames
-        joined = join_time_tiles(tiles, blend_frames, self.tile_sample_stride_num_frames)
-        return joined[:, :, :num_sample_frames]
+
+        def join(outputs: Iterator[torch.Tensor]) -> torch.Tensor:
+            tiles = []
+            for index, chunk in enumerate(chunks):
+                tile = chunk.join(outputs)
+                if index > 0:
+                    # the chunk's first latent frame decodes to a single frame the previous tile already covers
+                    tile = tile[:, :, 1:]
+                tiles.append(tile)
+            joined = join_time_tiles(tiles, blend_frames, self.tile_sample_stride_num_frames)
+            return joined[:, :, :num_sample_frames]
+
+        return TiledDecode([piece for chunk in chunks for piece in chunk.inputs], join)
 
     def forward(
         self,
