@@ -291,7 +291,10 @@ def resolve_served_model(args) -> dict:
         request = GenerationRequest.build(facts, prompt=PLACEHOLDER_PROMPT, image=image, output_type="np")
     except RequestError as err:
         raise UsageError(f"--model: the model's default request is invalid ({err})") from err
-    cache_config(args, request)  # the --cache options, checked
+    # the --cache options, checked: the default cache works for the model's default request; --cache-threshold
+    # and --cache-ratios configure MagCache for the requests that ask for it, even when it is not the default
+    magcache_settings = args.cache_threshold is not None or args.cache_ratios is not None
+    cache_config(argparse.Namespace(**{**vars(args), "cache": "magcache"}) if magcache_settings else args, request)
     args.cache_config = None
     args.no_progress = True
     resolve_generate_offload(args, request, device, dtype)

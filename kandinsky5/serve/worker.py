@@ -412,7 +412,11 @@ class Worker:
                 self._finish_cancelled(job)
                 return
             if self.store.complete(job.id, output):
-                self.log.write("completed", job.id, f"{time.monotonic() - started:.2f}s")
+                details = f"{time.monotonic() - started:.2f}s"
+                cache = self.pipe.transformer.cache
+                if cache is not None:
+                    details += f" cache skipped {cache.skipped_calls} of {cache.total_calls} model calls"
+                self.log.write("completed", job.id, details)
             else:  # cancelled while the file was being written
                 self.store.remove_files(job.id)
                 self.log.write("cancelled", job.id, "after writing")
