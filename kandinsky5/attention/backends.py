@@ -24,6 +24,15 @@ unless ``flex`` is chosen. Both compute the same attention.
 
 The choice lives in module globals, not context variables: ``torch.compile`` guards on globals (a new choice
 recompiles) but cannot trace ``ContextVar.get``. It is therefore process-wide, not per thread.
+
+Ulysses sequence parallelism also meets the attention here. Its visual-blocks wrapper
+(:mod:`kandinsky5.runtime.parallel.ulysses`) runs the blocks on this rank's shard of the tokens inside
+:func:`sequence_exchange`, which makes its exchange the current one for the stage's duration (a module global, for
+the reason above). A call flagged ``sequence_parallel=True`` (the visual self-attention; the cross-attention's keys
+come from the replicated text and need none) then trades its query, key and value from sequence shards to head
+shards (an all-to-all), attends over the whole sequence for this rank's heads, computes NABLA's block map there
+(``sparse=``: per head, from the whole sequence's queries and keys, as a single process does) and trades the output
+back. Outside such a stage the flag does nothing.
 """
 
 from __future__ import annotations
@@ -34,13 +43,14 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kandinsky5.attention.flex import flex_block_sparse_attention, flex_dense_attention
-from kandinsky5.attention.nabla import NABLA_BLOCK_SIZE, expand_block_mask
+from kandinsky5.attention.nabla import NABLA_BLOCK_SIZE, NablaParams, expand_block_mask, nabla_block_mask
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +114,20 @@ FALLBACK_BACKEND = "auto"
 _process_default: str | None = None
 _context_backend: str | None = None
 _warned: set[str] = set()
+
+
+class SequenceExchange(Protocol):
+    """A sequence-parallel exchange (:class:`kandinsky5.runtime.parallel.ulysses.UlyssesExchange`):
+    ``to_heads`` turns this rank's tokens of all heads, ``(batch, seq / n, heads, head_dim)`` each, into all tokens
+    of this rank's heads, ``(batch, seq, heads / n, head_dim)``; ``to_sequence`` is its inverse on the output."""
+
+    def to_heads(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def to_sequence(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+# The exchange of the sequence-parallel stage running now (see the module doc), or None.
+_sequence_exchange: SequenceExchange | None = None
 
 
 def canonical_backend_name(name: str) -> str:
@@ -172,6 +196,23 @@ def attention_backend(name: str | None) -> Iterator[None]:
         _context_backend = previous
 
 
+@contextlib.contextmanager
+def sequence_exchange(exchange: SequenceExchange | None) -> Iterator[None]:
+    """Inside the block, attention calls flagged ``sequence_parallel`` go through ``exchange`` (``None``: none)."""
+    global _sequence_exchange
+    previous = _sequence_exchange
+    _sequence_exchange = exchange
+    try:
+        yield
+    finally:
+        _sequence_exchange = previous
+
+
+def current_sequence_exchange() -> SequenceExchange | None:
+    """The exchange :func:`sequence_exchange` made current, or ``None``."""
+    return _sequence_exchange
+
+
 @torch.compiler.disable
 def _warn_once(message: str) -> None:
     if message not in _warned:
@@ -222,13 +263,39 @@ def attention(
     value: torch.Tensor,
     mask: torch.Tensor | None = None,
     block_map: torch.Tensor | None = None,
+    *,
+    sparse: NablaParams | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention on ``(batch, seq, heads, head_dim)`` tensors, scale ``1/sqrt(head_dim)``.
 
     ``mask``: boolean, broadcastable to ``(batch, heads, q_len, kv_len)``, True where attention is allowed.
     ``block_map``: NABLA's boolean block map, broadcastable to ``(batch, heads, q_len / 64, kv_len / 64)``, True
     where a 64x64 block of query and key tokens attends (exclusive with ``mask``).
+    ``sparse``: NABLA's parameters instead of a block map: the map is computed here from ``query`` and ``key``
+    (:func:`~kandinsky5.attention.nabla.nabla_block_mask`), after any sequence exchange.
+    ``sequence_parallel``: this is a self-attention over the tokens a sequence-parallel stage shards; inside
+    :func:`sequence_exchange` the inputs are this rank's tokens and are exchanged for this rank's heads of all
+    tokens (and the output back). Elsewhere it changes nothing.
     """
+    exchange = _sequence_exchange if sequence_parallel else None
+    if exchange is not None:
+        query, key, value = exchange.to_heads(query, key, value)
+    if sparse is not None:
+        if block_map is not None:
+            raise ValueError("attention() takes NABLA's parameters or a block map, not both")
+        block_map = nabla_block_mask(query, key, sparse.window_mask, sparse.threshold)
+    out = _attention(query, key, value, mask, block_map)
+    return out if exchange is None else exchange.to_sequence(out)
+
+
+def _attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    block_map: torch.Tensor | None,
+) -> torch.Tensor:
     name = get_attention_backend()
     backend = _BACKENDS[name]
     device = query.device

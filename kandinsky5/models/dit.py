@@ -30,7 +30,6 @@ from kandinsky5.attention.nabla import (
     NablaParams,
     as_nabla_params,
     from_fractal_order,
-    nabla_block_mask,
     to_fractal_order,
 )
 from kandinsky5.models.base import ComponentConfig, ModelBase
@@ -283,17 +282,20 @@ class Attention(nn.Module):
         rope: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         sparse: NablaParams | None = None,
+        sequence_parallel: bool = False,
     ) -> torch.Tensor:
+        """``sequence_parallel``: ``x`` holds the tokens a sequence-parallel stage shards and this is their
+        self-attention (the visual blocks'); under Ulysses the choke point exchanges the rotated query, key and
+        value for all tokens of this rank's heads (see :mod:`kandinsky5.attention.backends`)."""
         query, key, value = (t.unflatten(-1, (self.num_heads, -1)) for t in self.project(x, context))
         query = self.query_norm(query.float()).type_as(query)
         key = self.key_norm(key.float()).type_as(key)
         if rope is not None:
             query = apply_rope(query, rope)
             key = apply_rope(key, rope)
-        # NABLA: the block map goes to the attention choke point, which runs flex_attention on it (GPU) or SDPA
-        # with it expanded to a token mask (CPU)
-        block_map = None if sparse is None else nabla_block_mask(query, key, sparse.window_mask, sparse.threshold)
-        out = attention(query, key, value, mask=mask, block_map=block_map)
+        # NABLA: the choke point computes the block map (after a Ulysses exchange: per head over all tokens) and
+        # runs flex_attention on it (GPU) or SDPA with it expanded to a token mask (CPU)
+        out = attention(query, key, value, mask=mask, sparse=sparse, sequence_parallel=sequence_parallel)
         return self.out_layer(out.flatten(-2, -1))
 
 
@@ -368,7 +370,9 @@ class VisualBlock(nn.Module):
     def forward(self, x, text, time_embed, rope, sparse=None, text_mask=None) -> torch.Tensor:
         params = self.visual_modulation(time_embed).unsqueeze(1).chunk(9, -1)
         (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate, ff_shift, ff_scale, ff_gate) = params
-        out = self.self_attention(modulate(self.self_attention_norm, x, sa_shift, sa_scale), rope=rope, sparse=sparse)
+        out = self.self_attention(
+            modulate(self.self_attention_norm, x, sa_shift, sa_scale), rope=rope, sparse=sparse, sequence_parallel=True
+        )
         x = gated_residual(x, sa_gate, out)
         out = self.cross_attention(modulate(self.cross_attention_norm, x, ca_shift, ca_scale), text, mask=text_mask)
         x = gated_residual(x, ca_gate, out)

@@ -1,6 +1,9 @@
 """What the text-to-video and image-to-video pipelines share: loading, placement, prompt encoding, latents and
 decoding, and ``__call__`` as a few phases around the sampling loop (``kandinsky5/sampling/loop.py``).
 
+Several processes (``torchrun``) share a call after :meth:`Kandinsky5PipelineBase.enable_parallelism`: Ulysses
+sequence parallelism and CFG parallelism (``kandinsky5/runtime/parallel``); every rank returns the same output.
+
 A call turns its arguments into one :class:`~kandinsky5.pipelines.request.GenerationRequest` (defaults filled and
 everything validated before any work), then runs the phases under a per-call
 :class:`~kandinsky5.sampling.control.RunControl` (progress, cancellation, previews). Nothing of a call is kept on
@@ -44,6 +47,7 @@ from kandinsky5.runtime.offload import (
     offload_components,
     offload_execution_device,
 )
+from kandinsky5.runtime.parallel.mesh import ParallelMesh, broadcast_from_main, use_mesh
 from kandinsky5.sampling import noise
 from kandinsky5.sampling.control import Phase, RunControl
 from kandinsky5.sampling.guidance import NO_GUIDANCE_SCALE, Guidance, TextConditioning, make_guidance
@@ -98,6 +102,9 @@ class Kandinsky5PipelineBase:
         # the official checkpoint this is (set by from_pretrained; None when unknown): its defaults fill the
         # __call__ arguments left as None
         self.model_variant: Variant | None = None
+        # set by enable_parallelism: the process mesh of a multi-process run and the Ulysses stage wrapper's handle
+        self._parallel: ParallelMesh | None = None
+        self._parallel_handle = None
 
     # ------------------------------------------------------------------ loading and placement
 
@@ -254,6 +261,52 @@ class Kandinsky5PipelineBase:
         from kandinsky5.runtime.quantization import quantize_pipeline
 
         quantize_pipeline(self, transformer=transformer, text_encoder=text_encoder)
+
+    # ------------------------------------------------------------------ several processes
+
+    def enable_parallelism(self, ulysses_degree: int | None = None, cfg_degree: int | None = None) -> ParallelMesh:
+        """Share every call among the processes of the default process group (``torch.distributed`` initialised
+        first, e.g. under ``torchrun``; every rank calls this, then every rank calls the pipeline with the same
+        arguments and gets the same output). Returns the mesh (also ``pipe._parallel``).
+
+        ``cfg_degree`` 2: the condition's and the negative prompt's transformer calls run on two ranks at once
+        (:class:`~kandinsky5.runtime.parallel.cfg.CfgParallelGuidance`). ``ulysses_degree`` n: each branch's call is
+        shared by n ranks, each holding 1/n of the visual tokens, exchanging them for 1/n of the attention heads
+        around each visual self-attention (:mod:`kandinsky5.runtime.parallel.ulysses`); n must divide the heads and
+        the token count. ``ulysses_degree x cfg_degree`` must equal the world size; left as ``None`` they are
+        derived from it: CFG 2 when the model runs with guidance by default and the world size is even, the rest
+        Ulysses. Degree 1 everywhere is the single-process path (no exchange at all).
+
+        Text is encoded once, on rank 0, and broadcast; every rank draws the same noise from the same generator
+        (pass each rank the same seed) and decodes the latents itself. Place the pipeline on ``mesh.device`` (its
+        GPU) yourself. RuntimeError when ``torch.distributed`` is not initialised; ValueError when the degrees do
+        not fit the world size or the heads.
+        """
+        import torch.distributed as dist
+
+        from kandinsky5.models.dit import VISUAL_BLOCKS
+        from kandinsky5.runtime.parallel.mesh import ParallelConfig, require_distributed
+        from kandinsky5.runtime.parallel.ulysses import UlyssesStage, check_heads
+
+        require_distributed()
+        variant = self.model_variant
+        guidance = variant is None or variant.defaults.guidance_scale > NO_GUIDANCE_SCALE
+        config = ParallelConfig.resolve(dist.get_world_size(), ulysses_degree, cfg_degree, guidance=guidance)
+        transformer_config = self.transformer.config
+        if config.ulysses_degree > 1:
+            check_heads(transformer_config.model_dim // transformer_config.head_dim, config.ulysses_degree)
+        self.disable_parallelism()
+        mesh = ParallelMesh.build(config)
+        if config.ulysses_degree > 1:
+            self._parallel_handle = self.transformer.wrap_stage(VISUAL_BLOCKS, UlyssesStage.for_mesh(mesh))
+        self._parallel = mesh
+        return mesh
+
+    def disable_parallelism(self) -> None:
+        """Back to single-process calls (the process groups stay; destroying them is the caller's)."""
+        if self._parallel_handle is not None:
+            self._parallel_handle.remove()
+        self._parallel = self._parallel_handle = None
 
     # ------------------------------------------------------------------ step cache
 
@@ -474,10 +527,11 @@ class Kandinsky5PipelineBase:
         running = _RUNNING_CALL.set(RunningCall(request.guidance_scale, request.num_inference_steps))
         control.add_listener(progress_bar)
         try:
-            condition, negative = self.encode_text(request, control)
-            latents = self.initial_latents(request, control)
-            latents = self.sample(request, latents, condition, negative, control)
-            return self.output(request, latents, control)
+            with use_mesh(self._parallel):
+                condition, negative = self.encode_text(request, control)
+                latents = self.initial_latents(request, control)
+                latents = self.sample(request, latents, condition, negative, control)
+                return self.output(request, latents, control)
         finally:
             control.remove_listener(progress_bar)
             progress_bar.close()
@@ -487,12 +541,26 @@ class Kandinsky5PipelineBase:
     def encode_text(
         self, request: GenerationRequest, control: RunControl
     ) -> tuple[TextConditioning, TextConditioning | None]:
-        """The prompt's text conditioning and, with guidance on, the negative prompt's (one row per video)."""
+        """The prompt's text conditioning and, with guidance on, the negative prompt's (one row per video).
+
+        In a parallel run rank 0 alone encodes and broadcasts the result (:func:`broadcast_text`)."""
+        mesh = self._parallel
+        shared = mesh is not None and mesh.world_size > 1
         with control.phase(Phase.ENCODE_TEXT):
-            condition = self._text_conditioning(request, "prompt", request.prompt)
-            negative = None
-            if request.uses_guidance:
-                negative = self._text_conditioning(request, "negative_prompt", request.negative_prompts())
+            if not shared or mesh.is_main:
+                try:
+                    condition = self._text_conditioning(request, "prompt", request.prompt)
+                    negative = None
+                    if request.uses_guidance:
+                        negative = self._text_conditioning(request, "negative_prompt", request.negative_prompts())
+                except Exception as error:
+                    if not shared:
+                        raise
+                    broadcast_text(mesh, error, self._execution_device)  # the other ranks raise too
+                    raise
+            if shared:
+                sent = (condition, negative) if mesh.is_main else None
+                condition, negative = broadcast_text(mesh, sent, self._execution_device)
         return condition, negative
 
     def _text_conditioning(self, request: GenerationRequest, branch: str, prompts: list[str] | None):
@@ -555,7 +623,15 @@ class Kandinsky5PipelineBase:
         return self.finalize_latents(latents[..., :noise_channels])
 
     def make_guidance(self, request, latents, condition, negative, num_steps: int) -> Guidance:
-        """The guidance mode of this call over a denoiser bound to its size, attention and dtype."""
+        """The guidance mode of this call over a denoiser bound to its size, attention and dtype (CFG-parallel
+        when the pipeline's mesh has ``cfg_degree`` 2)."""
+        mesh = self._parallel
+        if mesh is not None and mesh.ulysses_degree > 1:
+            from kandinsky5.runtime.parallel.ulysses import check_tokens
+
+            _, frames, height, width, _ = latents.shape
+            _, patch_h, patch_w = self.transformer.config.patch_size
+            check_tokens(frames * (height // patch_h) * (width // patch_w), mesh.ulysses_degree)
         dtype = self.transformer.dtype
         scale_factor = self._get_scale_factor(request.height, request.width)
         sparse_params = self.get_sparse_params(latents, latents.device)
@@ -574,7 +650,7 @@ class Kandinsky5PipelineBase:
             ).sample
 
         scale = request.guidance_scale
-        return make_guidance(denoiser, condition, negative, scale, num_steps, self.batched_guidance)
+        return make_guidance(denoiser, condition, negative, scale, num_steps, self.batched_guidance, mesh)
 
     def output(self, request: GenerationRequest, latents: torch.Tensor, control: RunControl):
         """The requested output: the latents, or the decoded video as ``output_type``."""
@@ -584,6 +660,21 @@ class Kandinsky5PipelineBase:
             with control.phase(Phase.DECODE):
                 video = postprocess_video(self.decode_latents(latents), request.output_type)
         return KandinskyPipelineOutput(frames=video) if request.return_dict else (video,)
+
+
+def broadcast_text(mesh: ParallelMesh, text, device) -> tuple[TextConditioning, TextConditioning | None]:
+    """Rank 0's ``(condition, negative)`` text conditioning on every rank (the others pass ``None``); rank 0 passes
+    an exception when encoding failed, and every rank raises."""
+    if isinstance(text, BaseException) or text is None:
+        tensors = text
+    else:
+        tensors = []
+        for part in text:
+            tensors += [None, None, None] if part is None else [part.embeds_qwen, part.embeds_clip, part.mask]
+    received = broadcast_from_main(mesh, tensors, device)
+    condition = TextConditioning(*received[:3])
+    negative = None if received[3] is None else TextConditioning(*received[3:])
+    return condition, negative
 
 
 def repeat_embeddings(embeds_qwen, embeds_clip, cu_seqlens, times: int):

@@ -7,13 +7,15 @@
 
 Each tells the transformer which branch every call (or batch half) computes, through a
 :class:`~kandinsky5.models.forward_context.ForwardContext`, so a step cache can keep state per branch and a
-CFG-parallel mode can plug in as another guidance object.
+CFG-parallel mode can plug in as another guidance object: with a parallel mesh whose ``cfg_degree`` is 2,
+:func:`make_guidance` returns :class:`~kandinsky5.runtime.parallel.cfg.CfgParallelGuidance` (one branch per rank).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -132,11 +134,20 @@ def make_guidance(
     scale: float,
     num_steps: int,
     batched: bool,
+    parallel: Any = None,
 ) -> Guidance:
-    """The guidance mode for ``scale``: none at ``scale <= 1``, else batched or two calls."""
+    """The guidance mode for ``scale``: none at ``scale <= 1``, else CFG-parallel when ``parallel`` (a
+    :class:`~kandinsky5.runtime.parallel.mesh.ParallelMesh`, or ``None``) has ``cfg_degree`` 2, else batched or two
+    calls. Without guidance every cfg rank makes the one call (the same on both)."""
     if scale <= NO_GUIDANCE_SCALE:
         return NoGuidance(denoiser, condition, num_steps)
     if negative is None:
         raise ValueError("classifier-free guidance (guidance_scale > 1) needs the negative prompt's embeddings")
+    if parallel is not None and parallel.cfg_degree == 2:
+        from kandinsky5.runtime.parallel.cfg import CfgParallelGuidance
+
+        return CfgParallelGuidance(
+            denoiser, condition, negative, scale, num_steps, group=parallel.cfg_group, rank=parallel.cfg_rank
+        )
     mode = BatchedGuidance if batched else TwoCallGuidance
     return mode(denoiser, condition, negative, scale, num_steps)

@@ -209,3 +209,43 @@ def use_mesh(mesh: ParallelMesh | None) -> Iterator[ParallelMesh | None]:
         yield mesh
     finally:
         _CURRENT_MESH.reset(token)
+
+
+def broadcast_from_main(
+    mesh: ParallelMesh, tensors: list[torch.Tensor | None] | BaseException | None, device: torch.device | str
+) -> list[torch.Tensor | None]:
+    """Rank 0's ``tensors`` (a list; ``None`` entries allowed) on every rank, bit for bit, on ``device``.
+
+    Rank 0 passes its list; the other ranks pass ``None`` (what they had is ignored). Shapes and dtypes go first
+    (one small object broadcast), then each tensor's bytes (any dtype, bool and bfloat16 included, on gloo as on
+    NCCL). Rank 0 may pass an exception instead of a list when it could not compute them: every rank then raises
+    (rank 0 its own error, the others a RuntimeError naming it), so no rank waits forever.
+    """
+    failed = isinstance(tensors, BaseException)
+    if mesh.is_main:
+        header: list = [
+            f"{type(tensors).__name__}: {tensors}"
+            if failed
+            else [None if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]
+        ]
+    else:
+        header = [None]
+    dist.broadcast_object_list(header, src=0, group=mesh.world, device=mesh.device)
+    if isinstance(header[0], str):
+        if mesh.is_main:
+            raise tensors
+        raise RuntimeError(f"rank 0 failed, so this rank cannot go on: {header[0]}")
+    out: list[torch.Tensor | None] = []
+    for i, meta in enumerate(header[0]):
+        if meta is None:
+            out.append(None)
+            continue
+        shape, dtype = meta[0], getattr(torch, meta[1])
+        if mesh.is_main:
+            tensor = tensors[i].to(device).contiguous()
+        else:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+        if tensor.numel():
+            dist.broadcast(tensor.reshape(-1).view(torch.uint8), src=0, group=mesh.world)
+        out.append(tensor)
+    return out
