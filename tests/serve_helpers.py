@@ -100,11 +100,16 @@ class Server:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=REQUEST_TIMEOUT_S)
 
+    def terminate(self) -> None:
+        """SIGTERM (see :meth:`stop`): several servers can be told at once, then waited for."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; the exit status."""
         if self.process is None or self.process.poll() is not None:
             return self._reap()
-        self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -36,6 +36,8 @@ def servers(tmp_path_factory):
         yield t2v, i2v
     finally:
         for server in (t2v, i2v):
+            server.terminate()
+        for server in (t2v, i2v):
             server.stop()
 
 
@@ -449,3 +451,24 @@ def test_image_to_video_upload(i2v):
         assert "image-to-video" in message
         assert_error(client.post("/v1/videos", json={"prompt": "x", **TINY_VIDEO}), 400, "input_reference")
         assert {p.stem for p in (i2v.data_dir / "inputs").iterdir()} <= {job["id"]}
+
+
+def test_a_failed_job_says_why_and_the_worker_goes_on(i2v):
+    with i2v.client() as client:
+
+        def post(steps: int) -> dict:
+            image = {"input_reference": ("first.png", png_bytes(96, 64), "image/png")}
+            fields = {"prompt": "a flag", **TINY_VIDEO, "num_inference_steps": str(steps)}
+            return client.post("/v1/videos", data=fields, files=image).json()
+
+        blocker = post(LONG_STEPS)
+        wait_for_job(client, blocker["id"], statuses=("in_progress",))
+        doomed, after = post(1), post(1)
+        (i2v.data_dir / "inputs" / f"{doomed['id']}.png").unlink()  # lost before the job runs
+        client.delete(f"/v1/videos/{blocker['id']}")
+        failed = wait_for_job(client, doomed["id"])
+        assert failed["status"] == "failed" and failed["completed_at"] is not None
+        assert f"{doomed['id']}.png" in failed["error"]["message"] and "\n" not in failed["error"]["message"]
+        assert_error(client.get(f"/v1/videos/{doomed['id']}/content"), 404, "video_id")
+        assert wait_for_job(client, after["id"])["status"] == "completed"
+        assert ("failed", doomed["id"]) in job_log(i2v.data_dir)

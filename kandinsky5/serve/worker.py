@@ -461,7 +461,7 @@ class Worker:
 
         if self.device is not None:
             release_cached_memory(self.device)
-        message = one_line(err)
+        message = one_line(err).replace(str(self.store.root), "DATA_DIR")  # the client need not see the path
         self.store.video_path(job.id).unlink(missing_ok=True)
         if self.store.fail(job.id, message):
             self.log.write("failed", job.id, message)
