@@ -293,6 +293,16 @@
     return { data };
   }
 
+  // Ctrl+Enter (Cmd+Enter) in a text box submits.
+  for (const box of [el.prompt, el.negative]) {
+    box.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        el.form.requestSubmit();
+      }
+    });
+  }
+
   el.form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearFormError();
