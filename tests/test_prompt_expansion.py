@@ -10,7 +10,6 @@ from conftest import TOKENIZERS_DIR
 
 from kandinsky5 import Kandinsky5T2VPipeline
 from kandinsky5.models import prompt_expansion as pe
-from kandinsky5.pipelines.prompt_expansion import PromptExpansionMixin
 from kandinsky5.runtime.block_offload import Transfers
 from kandinsky5.sampling.control import GenerationCancelled, RunControl
 
@@ -21,13 +20,9 @@ SAMPLED = 4  # fewer where a test makes many expansions (sampling sorts the whol
 EXECUTION = torch.device("cpu", 0)
 
 
-class Expanding(PromptExpansionMixin, Kandinsky5T2VPipeline):
-    """The text-to-video pipeline with prompt expansion (until the pipelines inherit the mixin)."""
-
-
 @pytest.fixture(scope="module")
 def base(reference_checkpoint):
-    pipe = Expanding.from_pretrained(reference_checkpoint[0])
+    pipe = Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -35,7 +30,7 @@ def base(reference_checkpoint):
 @pytest.fixture
 def pipe(base):
     """A pipeline over the module's networks; offloading switched on by a test is switched off after it."""
-    pipe = Expanding(**base.components)
+    pipe = Kandinsky5T2VPipeline(**base.components)
     yield pipe
     pipe.remove_all_hooks()
 
@@ -241,3 +236,18 @@ def test_bad_arguments_are_refused(pipe, arguments, message):
         pipe.expand_prompt(PROMPT, **arguments)
     with pytest.raises(ValueError, match="`prompt` must be a string or a non-empty list"):
         pipe.expand_prompt([])
+
+
+def test_the_expanded_prompt_is_what_gets_encoded(reference_checkpoint):
+    """``pipe(..., expand_prompt=True)`` gives the video of the expansion itself, not of the prompt."""
+    pipe = Kandinsky5T2VPipeline.from_pretrained(reference_checkpoint[0])
+    pipe.set_progress_bar_config(disable=True)
+    small = dict(height=32, width=48, num_frames=5, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+
+    def latents(prompt, **options):
+        return pipe(prompt, generator=torch.Generator().manual_seed(0), **small, **options).frames
+
+    expansion = pipe.expand_prompt("a cat")
+    expanded = latents("a cat", expand_prompt=True)
+    assert torch.equal(expanded, latents(expansion))
+    assert not torch.equal(expanded, latents("a cat"))

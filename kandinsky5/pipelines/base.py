@@ -15,6 +15,7 @@ running in the current thread. A subclass overrides only the conditioning (:meth
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from kandinsky5.models.nabla_params import nabla_params_for_latents
 from kandinsky5.pipelines.adapters import ProgressBar, StepCallback
 from kandinsky5.pipelines.loading import check_load_arguments, load_components
 from kandinsky5.pipelines.output import KandinskyPipelineOutput, decode_latents, postprocess_video
+from kandinsky5.pipelines.prompt_expansion import PromptExpansionMixin
 from kandinsky5.pipelines.registry import check_checkpoint_class
 from kandinsky5.pipelines.request import (
     CALLBACK_TENSOR_INPUTS,
@@ -64,10 +66,12 @@ class RunningCall:
     num_timesteps: int
 
 
+logger = logging.getLogger(__name__)
+
 _RUNNING_CALL: ContextVar[RunningCall | None] = ContextVar("kandinsky5_running_call", default=None)
 
 
-class Kandinsky5PipelineBase:
+class Kandinsky5PipelineBase(PromptExpansionMixin):
     """Shared machinery of the Kandinsky 5 video pipelines (Diffusers-compatible API)."""
 
     # model_index.json class names this pipeline loads
@@ -499,6 +503,7 @@ class Kandinsky5PipelineBase:
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        expand_prompt: bool = False,
         control: RunControl | None = None,
         **condition,
     ):
@@ -507,7 +512,9 @@ class Kandinsky5PipelineBase:
         ``height``, ``width``, ``num_frames``, ``num_inference_steps`` and ``guidance_scale`` left as ``None`` take
         the checkpoint's recommended values (``self.model_variant``), or the reference's (512, 768, 121, 50, 5.0).
         ``control`` (a :class:`~kandinsky5.sampling.control.RunControl`) receives progress events and previews
-        and can cancel the run. Everything is validated before any work.
+        and can cancel the run. ``expand_prompt=True`` first rewrites each prompt into a detailed caption with the
+        pipeline's own Qwen2.5-VL (:meth:`expand_prompt`; off by default, as in diffusers). Everything is validated
+        before any work.
         """
         arguments = {name: value for name, value in locals().items() if name not in ("self", "control", "condition")}
         request = GenerationRequest.build(self.model_facts(), **arguments, **condition)
@@ -549,7 +556,11 @@ class Kandinsky5PipelineBase:
         with control.phase(Phase.ENCODE_TEXT):
             if not shared or mesh.is_main:
                 try:
-                    condition = self._text_conditioning(request, "prompt", request.prompt)
+                    prompts = request.prompt
+                    if request.expand_prompt and request.embeddings("prompt") is None:
+                        prompts = self.expand_prompt(prompts, control=control)
+                        logger.info("Expanded prompt(s): %s", prompts)
+                    condition = self._text_conditioning(request, "prompt", prompts)
                     negative = None
                     if request.uses_guidance:
                         negative = self._text_conditioning(request, "negative_prompt", request.negative_prompts())

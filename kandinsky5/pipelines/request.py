@@ -129,6 +129,8 @@ class GenerationRequest:
     callback_on_step_end: Any = None
     callback_on_step_end_tensor_inputs: list[str] | None = None
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    # rewrite the prompt into a detailed caption with the pipeline's own Qwen2.5-VL before encoding it
+    expand_prompt: bool = False
     image: Any = None  # image-to-video: the first frame(s)
 
     # ------------------------------------------------------------------ building
@@ -289,6 +291,10 @@ def check_arguments(request: GenerationRequest) -> None:
         )
     if request.prompt is not None and not all(p.strip() for p in request.prompt):
         raise RequestError("prompt", "`prompt` must not be empty: describe the video")
+    if not isinstance(request.expand_prompt, bool):
+        raise RequestError("expand_prompt", f"`expand_prompt` must be True or False, got {request.expand_prompt!r}")
+    if request.expand_prompt and request.prompt is None:
+        raise RequestError("expand_prompt", "`expand_prompt` needs a text `prompt` (it cannot expand embeddings)")
     callback = request.callback_on_step_end
     if callback is not None and not callable(callback):
         raise RequestError(
