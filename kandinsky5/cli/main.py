@@ -21,10 +21,11 @@ from pathlib import Path
 
 from kandinsky5.cli.calibrate import add_calibrate_parser, cmd_calibrate_cache
 from kandinsky5.cli.plan import add_plan_parser, add_quantize_options, cmd_plan
+from kandinsky5.cli.serve import add_serve_parser, cmd_serve
 from kandinsky5.variants import FPS as DEFAULT_FPS
 from kandinsky5.variants import VARIANTS, Task, Variant
 
-SUBCOMMANDS = ("generate", "decode", "models", "plan", "calibrate-cache", "tiny-checkpoint")
+SUBCOMMANDS = ("generate", "decode", "models", "plan", "calibrate-cache", "serve", "tiny-checkpoint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # auto: the fastest mode whose memory plan fits the GPU's free memory (kandinsky5/runtime/memory_plan.py)
 OFFLOAD_MODES = ("auto", "none", "model", "blocks", "sequential")
@@ -53,6 +54,11 @@ OPTION_OF_PARAMETER = {
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
+
+
+class RankUsageError(UsageError):
+    """A usage error that, under torchrun, one process may find and another not (the output file, which rank 0
+    alone checks and writes; a process's GPU): the processes meet to stop together."""
 
 
 def frames_for_seconds(seconds: float, fps: int, temporal_compression: int = 4) -> int:
@@ -102,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_parser(sub)
     add_plan_parser(sub)
     add_calibrate_parser(sub)
+    add_serve_parser(sub)
     sub.add_parser("models", help="list the official checkpoints, their short names and defaults")
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight checkpoint (Diffusers layout)")
@@ -175,6 +182,38 @@ def add_generate_parser(sub) -> None:
         "model: components visit the GPU one at a time; blocks: the transformer's blocks and the text encoder's "
         "layers stream to the GPU; sequential: layer by layer (least memory, slowest)",
     )
+    add_parallel_options(gen)
+
+
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    """Several processes (GPUs) per video, under ``torchrun --nproc-per-node N -m kandinsky5 generate ...``."""
+    group = parser.add_argument_group(
+        "several GPUs", "launch with `torchrun --nproc-per-node N -m kandinsky5 generate ...`; N = ulysses x cfg"
+    )
+    group.add_argument(
+        "--ulysses-degree",
+        type=int,
+        default=None,
+        help="processes that share each guidance branch's token sequence (Ulysses; default: N / cfg degree)",
+    )
+    group.add_argument(
+        "--cfg-degree",
+        type=int,
+        default=None,
+        help="1 or 2: processes that split the two guidance branches (default 2 when guidance is on and N is even)",
+    )
+    group.add_argument(
+        "--shard-weights",
+        action="store_true",
+        help="shard the transformer blocks' weights over the processes (FSDP): less memory per GPU, a weight "
+        "all-gather per block call",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        help="seconds a process waits for the others in a collective (default: $KANDINSKY5_DIST_TIMEOUT, else 1800)",
+    )
 
 
 def add_size_options(parser: argparse.ArgumentParser) -> None:
@@ -215,20 +254,22 @@ def add_decode_parser(sub) -> None:
     )
 
 
-def _validate_generate(args):
-    """Every check that needs no model, so that mistakes cost nothing: the output paths, the model, the image, the
-    export options, and the :class:`GenerationRequest` the flags describe, built and validated by the same code as
-    a pipeline call. Sets ``args.variant`` (or ``None``) and returns the request."""
-    from kandinsky5.io import check_output_path
-
+def _validate_generate(args, writes: bool = True):
+    """Every check that needs no model, so that mistakes cost nothing: the output paths (unless ``writes`` is
+    False: under torchrun rank 0 checks them last, see :func:`check_outputs`), the model, the image, the export
+    options, and the :class:`GenerationRequest` the flags describe, built and validated by the same code as a
+    pipeline call. Sets ``args.variant`` (or ``None``) and returns the request."""
     for seed in args.seed:
         if not 0 <= seed <= MAX_SEED:
             raise UsageError(f"--seed must be within 0..{MAX_SEED} (what a torch.Generator takes), got {seed}")
-    try:
-        args.out = check_output_path(args.out)
-        args.outputs = [new_output(path, args.overwrite) for path in output_paths(args.out, args.seed)]
-    except (ValueError, OSError) as err:
-        raise UsageError(str(err)) from err
+    if writes:
+        check_outputs(args)
+    else:
+        try:
+            args.out = Path(args.out).expanduser().absolute()
+            args.outputs = output_paths(args.out, args.seed)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     args.variant, checkpoint = _resolve_model(args)
     facts = _model_facts(args, checkpoint)
     first_frame = _first_frame(args, facts)
@@ -245,6 +286,18 @@ def _validate_generate(args):
     request = build_request(args, facts, first_frame)
     args.cache_config = cache_config(args, request)
     return request
+
+
+def check_outputs(args) -> None:
+    """``--out`` (one path per seed) writable, and no existing file unless ``--overwrite``; sets ``args.out`` and
+    ``args.outputs``."""
+    from kandinsky5.io import check_output_path
+
+    try:
+        args.out = check_output_path(args.out)
+        args.outputs = [new_output(path, args.overwrite) for path in output_paths(args.out, args.seed)]
+    except (ValueError, OSError) as err:
+        raise RankUsageError(str(err)) from err
 
 
 def cache_config(args, request):
@@ -444,42 +497,268 @@ def _device_and_dtype(args):
 
 
 def cmd_generate(args) -> int:
+    launch = parallel_launch(args)
+    if launch is not None:
+        return cmd_generate_parallel(args, launch)
+    request, device, dtype = prepare_generate(args)
+    return run_generate(args, request, device, dtype)
+
+
+def prepare_generate(args, launch=None):
+    """Every check of ``generate`` before loading; the request, device and dtype. ``launch``: this process's place
+    under torchrun (``None``: a single process)."""
     from kandinsky5.cli.plan import resolve_generate_offload
 
-    request = _validate_generate(args)
-    device, dtype = _device_and_dtype(args)
+    request = _validate_generate(args, writes=launch is None)
+    device, dtype = _device_and_dtype(args) if launch is None else _parallel_device_and_dtype(args, launch)
     _check_runtime_options(args, device)
     check_quantize_options(args, device, dtype)
-    resolve_generate_offload(args, request, device, dtype)
+    if launch is None:
+        resolve_generate_offload(args, request, device, dtype)
+        return request, device, dtype
+    check_parallel_options(args, request, launch)
+    if launch.is_main:  # last: what only rank 0 checks (RankUsageError)
+        check_outputs(args)
+    return request, device, dtype
 
+
+def run_generate(args, request, device, dtype, parallel: ParallelRun | None = None) -> int:
+    """Load, encode the prompt once, generate a video per seed and print the summary (one process, or every rank of
+    a parallel run, where rank 0 alone writes and prints)."""
     from kandinsky5.sampling.control import Phase, RunControl
 
     start = time.perf_counter()  # loading reports nothing (a download shows the hub client's progress)
     with interrupted_during("loading the model"):
-        pipe = load_pipeline(args, request, device, dtype)
+        pipe = load_pipeline(args, request, device, dtype, parallel)
     load_s = time.perf_counter() - start
     # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
     encoding = PhaseTimes()
     with interrupted_during("encoding the prompt"), RunControl(on_progress=encoding).phase(Phase.ENCODE_TEXT):
         request = encoded_once(pipe, request)
     results: list[SeedResult] = []
+    prints = parallel is None or parallel.is_main
     try:
         for seed, out in zip(args.seed, args.outputs, strict=True):
-            results.append(generate_one(args, pipe, request, seed, out, device))
+            results.append(generate_one(args, pipe, request, seed, out, device, parallel))
+    except BaseException as err:
+        # a parallel run stopped by a failure says so in one line (the failing rank's), without a summary
+        prints = prints and not (parallel is not None and stopped_by_failure(err))
+        raise
     finally:  # also when interrupted: what was done, and what was kept
         failed = sum(not result.ok for result in results)
-        print(
-            f"kandinsky5: {len(results)} of {len(args.seed)} seed(s) run, {failed} failed; load {load_s:.1f} s, "
-            f"text encode {encoding.seconds(Phase.ENCODE_TEXT):.1f} s (once), "
-            f"total {time.perf_counter() - start:.1f} s"
-        )
-        for result in results:
-            print(result.line)
+        if prints:
+            print(
+                f"kandinsky5: {len(results)} of {len(args.seed)} seed(s) run, {failed} failed; "
+                + (f"{parallel.describe()}; " if parallel is not None else "")
+                + f"load {load_s:.1f} s, text encode {encoding.seconds(Phase.ENCODE_TEXT):.1f} s (once), "
+                f"total {time.perf_counter() - start:.1f} s"
+            )
+            for result in results:
+                print(result.line)
     return 1 if failed else 0
 
 
-def load_pipeline(args, request, device, dtype):
-    """The pipeline of ``--model``, with the options that change its layers, placement and kernels."""
+# ---------------------------------------------------------------------------------------------- several processes
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelRun:
+    """A ``generate`` run under torchrun: this process's ``launch`` (rank, world size) and the degrees."""
+
+    launch: object  # kandinsky5.runtime.parallel.launch.Launch
+    config: object  # kandinsky5.runtime.parallel.mesh.ParallelConfig
+    shard_weights: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.is_main
+
+    def describe(self) -> str:
+        shards = ", sharded weights" if self.shard_weights else ""
+        return (
+            f"{self.launch.world_size} processes (Ulysses {self.config.ulysses_degree} x CFG "
+            f"{self.config.cfg_degree}{shards})"
+        )
+
+
+PARALLEL_FLAGS = {"ulysses_degree": "--ulysses-degree", "cfg_degree": "--cfg-degree"}
+
+
+def parallel_launch(args):
+    """This process's place under torchrun (``WORLD_SIZE`` > 1), or ``None``; the parallel options are refused in a
+    single process (degrees of 1 aside)."""
+    from kandinsky5.runtime.parallel.launch import launch_from_environ
+
+    try:
+        launch = launch_from_environ()
+    except ValueError as err:
+        raise UsageError(f"torchrun environment: {err}") from err
+    if launch is None:
+        given = [flag for name, flag in PARALLEL_FLAGS.items() if getattr(args, name) not in (None, 1)]
+        given += ["--shard-weights"] if args.shard_weights else []
+        if given:
+            raise UsageError(
+                f"{' and '.join(given)} need several processes: launch with "
+                "`torchrun --nproc-per-node N -m kandinsky5 generate ...`"
+            )
+    return launch
+
+
+def _parallel_device_and_dtype(args, launch):
+    """``_device_and_dtype`` under torchrun: each process's own GPU (``LOCAL_RANK``) or the CPU."""
+    from kandinsky5.runtime.parallel.launch import rank_device
+
+    try:
+        device = rank_device(launch, args.device_asked)
+    except ValueError as err:
+        raise RankUsageError(str(err)) from err
+    args.device = str(device)
+    return _device_and_dtype(args)
+
+
+def parallel_flag_names(message: str) -> str:
+    """A :class:`ParallelConfig` message with its parameters named as the command's options."""
+    for name, flag in PARALLEL_FLAGS.items():
+        message = message.replace(name, flag)
+    return message
+
+
+def check_parallel_options(args, request, launch) -> None:
+    """The parallel options under torchrun, checked before loading (every rank finds the same): the degrees
+    (``ulysses x cfg`` = the process count; left out: derived from it), their fit to the model (attention heads and
+    the video's token count divisible by the Ulysses degree), CFG 2 only with guidance, no offloading (each process
+    holds its networks on its GPU), sharded weights neither quantized nor with a step cache split by CFG, the
+    collectives' timeout. Sets ``args.parallel_config`` and ``args.collective_timeout``."""
+    from kandinsky5.runtime.parallel.launch import collective_timeout
+    from kandinsky5.runtime.parallel.mesh import ParallelConfig
+
+    try:
+        args.collective_timeout = collective_timeout(args.dist_timeout)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+    try:
+        config = ParallelConfig.resolve(
+            launch.world_size, args.ulysses_degree, args.cfg_degree, guidance=request.uses_guidance
+        )
+    except ValueError as err:
+        raise UsageError(f"{parallel_flag_names(str(err))} (torchrun started {launch.world_size})") from err
+    if config.cfg_degree > 1 and not request.uses_guidance:
+        raise UsageError(
+            "--cfg-degree 2 splits the two guidance branches, and this run has no guidance (guidance 1): use "
+            f"--ulysses-degree {launch.world_size} --cfg-degree 1"
+        )
+    check_ulysses_fit(args, request, config.ulysses_degree)
+    if args.offload not in ("auto", "none"):
+        raise UsageError(
+            f"--offload {args.offload} does not combine with several processes: each holds its networks on its GPU "
+            "(--shard-weights shares out the transformer's weights)"
+        )
+    args.offload_asked, args.offload, args.ff_chunk_tokens = args.offload, "none", None
+    if args.shard_weights and args.quantize_transformer is not None:
+        raise UsageError("--shard-weights and --quantize-transformer do not combine: choose one way to save memory")
+    if args.shard_weights and args.cache_config is not None and config.cfg_degree > 1:
+        raise UsageError(
+            "--shard-weights with --cache magcache needs --cfg-degree 1: each branch's cache skips other blocks, and "
+            "every block's weights are gathered by all processes"
+        )
+    args.parallel_config = config
+
+
+def check_ulysses_fit(args, request, degree: int) -> None:
+    """The Ulysses degree divides the transformer's attention heads and the video's visual tokens (read from the
+    model's configs when they are at hand; the pipeline checks again when it loads)."""
+    if degree == 1:
+        return
+    from kandinsky5.cli.plan import pipeline_configs
+    from kandinsky5.pipelines.request import noise_latent_shape
+
+    checkpoint = Path(args.model).expanduser()
+    try:
+        transformer = pipeline_configs(args.model, args.variant, checkpoint if checkpoint.is_dir() else None)
+        transformer = transformer.transformer
+        heads = transformer["model_dim"] // sum(transformer["axes_dims"])
+        _, patch_h, patch_w = transformer.get("patch_size", (1, 2, 2))
+    except Exception:  # advisory: the pipeline checks when it loads
+        return
+    if heads % degree:
+        raise UsageError(
+            f"--ulysses-degree {degree} must divide the transformer's {heads} attention heads; choose a divisor of "
+            f"{heads}"
+        )
+    _, frames, height, width, _ = noise_latent_shape(1, request.num_frames, request.height, request.width, 16, 4, 8)
+    tokens = frames * (height // patch_h) * (width // patch_w)
+    if tokens % degree:
+        raise UsageError(
+            f"--ulysses-degree {degree} must divide the video's {tokens} visual tokens (latent frames x height/16 x "
+            "width/16): choose another size, length or degree"
+        )
+
+
+def cmd_generate_parallel(args, launch) -> int:
+    """``generate`` in one process of a torchrun launch: every check before loading, the default process group, then
+    the run under :func:`~kandinsky5.runtime.parallel.failure.run_guarded` (a failing rank stops every rank with one
+    line). A mistake every process finds (the degrees, the model, the size) ends every process at once, rank 0
+    printing it; one that a process may find alone (the output file, which rank 0 alone checks; a process's GPU)
+    is shared once the processes have met, and ends them all alike."""
+    from kandinsky5.runtime.parallel import launch as launching
+    from kandinsky5.runtime.parallel.failure import run_guarded
+
+    args.device_asked = args.device  # each rank's own device replaces it
+
+    def say(line: str) -> None:
+        if launch.is_main:
+            print(f"kandinsky5: error: {line}", file=sys.stderr)
+
+    def job() -> int:
+        error = request = device = dtype = None
+        try:
+            request, device, dtype = prepare_generate(args, launch)
+        except RankUsageError as err:
+            error = str(err)
+        except UsageError as err:  # the same on every rank
+            say(str(err))
+            return 2
+        except (FileNotFoundError, ValueError) as err:  # as main() reports them
+            say(str(err))
+            return 1
+        timeout = getattr(args, "collective_timeout", None) or launching.collective_timeout(launching.DEFAULT_TIMEOUT_S)
+        launching.init_distributed(launch, launching.backend_for(args.device_asked), device, timeout)
+        failed = launching.first_error(error)
+        if failed is not None:
+            rank, message = failed
+            say(message + (f" (on rank {rank})" if rank else ""))
+            launching.shutdown()
+            return 2
+        parallel = ParallelRun(launch, args.parallel_config, args.shard_weights)
+        status = run_generate(args, request, device, dtype, parallel)
+        launching.shutdown()
+        return status
+
+    return run_guarded(
+        job, launch.rank, launch.world_size, describe=describe_failure, report_interrupt=interrupt_report
+    )
+
+
+def stopped_by_failure(err: BaseException) -> bool:
+    """Whether a parallel run ends by a failure (its own, or another rank's) rather than by the user's interrupt."""
+    from kandinsky5.runtime.parallel.failure import recorded_failure
+
+    return not isinstance(err, KeyboardInterrupt) or recorded_failure() is not None
+
+
+class StageFailed(RuntimeError):
+    """A stage of a parallel run failed on this rank; the message says which, on one line."""
+
+
+def describe_failure(err: BaseException) -> str:
+    """A failure on one line, for the line of the rank that failed."""
+    return str(err) if isinstance(err, StageFailed) else one_line(err)
+
+
+def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = None):
+    """The pipeline of ``--model``, with the options that change its layers, placement and kernels; under torchrun,
+    split over the processes (Ulysses, CFG, sharded weights)."""
     import torch
 
     import kandinsky5
@@ -504,17 +783,32 @@ def load_pipeline(args, request, device, dtype):
         pipe.enable_block_offload(device=device)
     elif args.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+    elif parallel is not None and parallel.shard_weights:
+        # the transformer reaches the GPU as shards (shard_transformer moves them): never whole on one GPU
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+            if module is not None:
+                module.to(device)
     else:
         pipe.to(device)
     if getattr(args, "ff_chunk_tokens", None) is not None:
         pipe.transformer.enable_forward_chunking(args.ff_chunk_tokens)
+    if parallel is not None:
+        # before compiling (the blocks compile with their FSDP hooks) and before the cache (its wrapper outermost,
+        # so it decides on the whole sequence, alike on every rank)
+        mesh = pipe.enable_parallelism(
+            ulysses_degree=parallel.config.ulysses_degree, cfg_degree=parallel.config.cfg_degree
+        )
+        if parallel.shard_weights:
+            from kandinsky5.runtime.parallel.fsdp import shard_transformer
+
+            shard_transformer(pipe.transformer, mesh)
     if args.attention_backend is not None:
         pipe.transformer.set_attention_backend(args.attention_backend)
     if args.compile:
         pipe.transformer.compile()
     if args.cache_config is not None:
         pipe.transformer.enable_cache(args.cache_config)
-    pipe.set_progress_bar_config(disable=args.no_progress)
+    pipe.set_progress_bar_config(disable=args.no_progress or (parallel is not None and not parallel.is_main))
     return pipe
 
 
@@ -617,24 +911,33 @@ def decode_frames(decode_latents, latents):
         return postprocess_video(decode_latents(latents), "np")[0]
 
 
-def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResult:
+def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: ParallelRun | None = None) -> SeedResult:
     """One video of ``request`` from ``seed``, written to ``out``.
 
     Sampling and decoding are separate steps, so that the sampled latents outlive a failed decode or write: they are
     then kept beside ``out`` (kandinsky5/cli/latents.py), and one line on stderr says what failed and how to decode
     them later (``kandinsky5 decode``). A failed write also keeps the frames as a ``.npy`` file. A failure is
     returned (the next seed runs); a cancellation or interrupt is raised again once the latents are safe.
+
+    In a parallel run (``parallel``) every rank samples and decodes (the VAE's tiles shared among them) and rank 0
+    alone writes, keeps and prints; a failed sampling or decode raises :class:`StageFailed` (the ranks cannot go on
+    out of step: the run stops, see ``cmd_generate_parallel``), a failed write is rank 0's alone and is returned.
     """
     import torch
 
     from kandinsky5.io import export_to_video
     from kandinsky5.runtime.offload import release_cached_memory
+    from kandinsky5.runtime.parallel.failure import fault_injection
     from kandinsky5.sampling.control import GenerationCancelled, Phase, RunControl
 
+    main = parallel is None or parallel.is_main
     times = PhaseTimes()
     control = RunControl(on_progress=times)
-    if not args.no_progress:
+    if not args.no_progress and main:
         control.add_listener(PhaseStatus())
+    fault = fault_injection(0 if parallel is None else parallel.launch.rank)
+    if fault is not None:
+        control.add_listener(fault)
     seeded = dataclasses.replace(
         request, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", return_dict=True
     )
@@ -646,25 +949,33 @@ def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResul
         raise
     except Exception as err:
         release_cached_memory(device)
+        if parallel is not None:
+            raise StageFailed(f"seed {seed}: sampling failed ({one_line(err)})") from err
         print(f"kandinsky5: error: seed {seed}: sampling failed ({one_line(err)}); nothing to keep", file=sys.stderr)
         return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: sampling ({type(err).__name__}); nothing kept")
     stage, frames = Phase.DECODE, None
+    decode = pipe.decode_latents if parallel is None else parallel_decode(pipe)
     try:
         with interrupted_during(times.current):
             with control.phase(Phase.DECODE):
-                frames = decode_frames(pipe.decode_latents, latents)
+                frames = decode_frames(decode, latents)
             pipe.maybe_free_model_hooks()
             stage = Phase.WRITE
+            if not main:
+                return SeedResult(seed, True, "")
             with control.phase(Phase.WRITE):
                 export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
     except KeyboardInterrupt as err:
         # the interrupt's one line (main) says what was kept: the latents, quickly (not the frames)
         pipe.maybe_free_model_hooks()
-        err.kept = keep_after_failure(args, request, seed, out, latents, None, err)
+        if main:
+            err.kept = keep_after_failure(args, request, seed, out, latents, None, err)
         raise
     except Exception as err:
         pipe.maybe_free_model_hooks()
         release_cached_memory(device)
+        if parallel is not None and stage is Phase.DECODE:
+            raise decode_failed(args, request, seed, out, latents, err, main) from err
         kept = keep_after_failure(args, request, seed, out, latents, frames, err)
         what = "decoding" if stage is Phase.DECODE else f"writing {out}"
         print(f"kandinsky5: error: seed {seed}: {what} failed ({one_line(err)}); {kept}", file=sys.stderr)
@@ -684,6 +995,32 @@ def generate_one(args, pipe, request, seed: int, out: Path, device) -> SeedResul
     if cache is not None:
         line += f"; cache skipped {cache.skipped_calls} of {cache.total_calls} model calls"
     return SeedResult(seed, True, line)
+
+
+def parallel_decode(pipe):
+    """The pipeline's ``decode_latents`` with the VAE's tiles shared among the ranks of the default process group
+    (kandinsky5/runtime/parallel/vae.py): the same video as one process decodes, bit for bit."""
+    from functools import partial
+
+    from kandinsky5.runtime.parallel.vae import decode_latents_parallel
+
+    return partial(decode_latents_parallel, pipe.vae)
+
+
+def decode_failed(args, request, seed: int, out: Path, latents, err: BaseException, main: bool) -> StageFailed:
+    """The error of a parallel decode that failed on this rank (or on another, whose collective this one was in):
+    rank 0 first keeps the latents (every rank holds them) and says where, on the failure's line when the failure
+    is its own, else on a line of its own (the failing rank reports the failure)."""
+    message = f"seed {seed}: decoding failed ({one_line(err)})"
+    if not main:
+        return StageFailed(message)
+    from kandinsky5.runtime.parallel.failure import recorded_failure
+
+    kept = keep_after_failure(args, request, seed, out, latents, None, err)
+    other = recorded_failure()
+    if other is not None and other[0] != 0:
+        print(f"kandinsky5: seed {seed}: {kept}", file=sys.stderr)
+    return StageFailed(f"{message}; {kept}")
 
 
 def keep_after_failure(args, request, seed: int, out: Path, latents, frames, err: BaseException) -> str:
@@ -1043,6 +1380,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": cmd_plan,
         "tiny-checkpoint": cmd_tiny_checkpoint,
         "calibrate-cache": cmd_calibrate_cache,
+        "serve": cmd_serve,
     }
     # SIGINT and SIGTERM unwind the command (every file is written under a temporary name and renamed when
     # complete, so nothing partial is left) and end it with one line and the status 130 or 143.
