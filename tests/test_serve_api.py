@@ -203,6 +203,15 @@ def test_multipart_job_with_seconds_and_a_random_seed(client):
     assert len(video_frames(client.get(f"/v1/videos/{job['id']}/content").content)) == 5
 
 
+def test_expand_prompt_is_a_request_field(client, t2v):
+    job = submit(client, expand_prompt=True, seed=3)
+    assert job["expand_prompt"] is True
+    assert submit(client, seed=3)["expand_prompt"] is False
+    done = wait_for_job(client, job["id"])
+    assert done["status"] == "completed" and done["expand_prompt"] is True
+    assert_error(client.post("/v1/videos", json={"prompt": "a fox", "expand_prompt": "maybe"}), 400, "expand_prompt")
+
+
 def test_magcache_per_request(client, t2v, i2v):
     """``cache`` chooses the step cache per job (the model's official ratios, the server's --cache-threshold); the
     next job runs exactly again."""

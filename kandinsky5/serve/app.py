@@ -24,6 +24,7 @@ import asyncio
 import io
 import ipaddress
 import json
+import re
 import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -65,6 +66,8 @@ LOOPBACK_NAMES = frozenset({"localhost"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_FORM_FIELDS = 32
+# a width or a height of a size: 1 to 6 ASCII digits
+SIZE_NUMBER = re.compile(r"[0-9]{1,6}")
 
 
 class ApiError(Exception):
@@ -344,8 +347,10 @@ async def read_create_body(request: Request) -> tuple[dict, bytes | None]:
     if content_type == "application/json":
         try:
             fields = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the body is not valid JSON ({err})") from err
+        # ValueError: JSONDecodeError, UnicodeDecodeError, and an integer of over 4300 digits (Python's limit);
+        # RecursionError: nesting deeper than the decoder's recursion limit (`[[[[...` of a few kB)
+        except (ValueError, RecursionError) as err:
+            raise ApiError(400, f"the body is not valid JSON ({' '.join(str(err).split())[:200]})") from err
         if not isinstance(fields, dict):
             raise ApiError(400, "the body must be a JSON object")
         if "input_reference" in fields:
@@ -433,6 +438,8 @@ def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
             num_frames = frames_for_seconds(params.seconds, settings.fps)
         except UsageError as err:
             raise ApiError(400, f"seconds must be a positive number, got {params.seconds}", "seconds") from err
+        except OverflowError as err:  # 1e308 seconds: infinitely many frames
+            raise ApiError(400, f"seconds: {params.seconds} is too long", "seconds") from err
     seed = params.seed
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"seed: must be within 0..{MAX_SEED}, got {seed}", "seed")
@@ -448,6 +455,7 @@ def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
             num_frames=num_frames,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
+            expand_prompt=params.expand_prompt,
             image=image,
         )
     except RequestError as err:
@@ -471,6 +479,7 @@ def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
         seed=seed,
         mode=settings.task,
         cache=cache,
+        expand_prompt=request.expand_prompt,
     )
     return values, image
 
@@ -488,7 +497,8 @@ def field_of_parameter(parameter: str, params: VideoCreateParams) -> str:
 def parse_size(size: str) -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` (e.g. ``"768x512"``) -> ``(width, height)``."""
     width, separator, height = size.strip().lower().partition("x")
-    if not (separator and width.isdigit() and height.isdigit()):
+    # ASCII digits only (str.isdigit takes "²", which int() refuses), and few (int() refuses over 4300)
+    if not (separator and SIZE_NUMBER.fullmatch(width) and SIZE_NUMBER.fullmatch(height)):
         raise ApiError(400, f"size: expected WIDTHxHEIGHT in pixels, e.g. 768x512, got {size[:40]!r}", "size")
     return int(width), int(height)
 

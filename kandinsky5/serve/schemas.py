@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kandinsky5.serve.store import Job
 
@@ -17,6 +17,12 @@ Mode = Literal["t2v", "i2v"]
 CacheMode = Literal["none", "magcache"]
 # The fields of a create request that take numbers (a JSON true is no number, although pydantic would take it).
 NUMBER_FIELDS = ("seconds", "num_frames", "seed", "num_inference_steps", "guidance_scale")
+# The fields of a create request that take text (JSON's "\ud800" decodes to a lone surrogate, which is no Unicode:
+# SQLite and the JSON answer could not encode it).
+TEXT_FIELDS = ("prompt", "negative_prompt", "size", "model")
+# The most steps a job may ask for (the models' defaults are 16 to 50): its timesteps fit in memory and its number
+# in SQLite (2**63 was a 500; 10**10 would allocate 80 GB of timesteps in the worker).
+MAX_INFERENCE_STEPS = 100_000
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 
@@ -34,9 +40,11 @@ class VideoCreateParams(BaseModel):
     num_frames: int | None = None
     size: str | None = None
     seed: int | None = None
-    num_inference_steps: int | None = None
+    num_inference_steps: int | None = Field(None, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = None
     cache: CacheMode | None = None
+    # rewrite the prompt into a detailed caption with the model's own Qwen2.5-VL first
+    expand_prompt: bool = False
     model: str | None = None
 
     @field_validator(*NUMBER_FIELDS, mode="before")
@@ -44,6 +52,16 @@ class VideoCreateParams(BaseModel):
     def _no_booleans(cls, value):
         if isinstance(value, bool):
             raise ValueError("expected a number, got a boolean")
+        return value
+
+    @field_validator(*TEXT_FIELDS)
+    @classmethod
+    def _valid_unicode(cls, value):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("not valid Unicode (it has a lone surrogate such as \\ud800)") from None
         return value
 
 
@@ -69,6 +87,7 @@ class Video(BaseModel):
     num_frames: int
     num_inference_steps: int
     guidance_scale: float
+    expand_prompt: bool
     mode: Mode
     queue_position: int | None
 
@@ -131,10 +150,15 @@ def video_object(job: Job, queue_position: int | None) -> dict:
         num_frames=job.num_frames,
         num_inference_steps=job.num_inference_steps,
         guidance_scale=job.guidance_scale,
+        expand_prompt=job.expand_prompt,
         mode=job.mode,
         queue_position=queue_position,
     ).model_dump()
 
 
 def error_body(message: str, param: str | None = None, kind: str = INVALID_REQUEST) -> dict:
+    # a lone surrogate of the request (an unknown field named "\ud800") written as its escape: the answer is UTF-8
+    message, param = (
+        None if text is None else text.encode("utf-8", "backslashreplace").decode() for text in (message, param)
+    )
     return ErrorBody(error=ErrorDetail(message=message, type=kind, param=param)).model_dump()

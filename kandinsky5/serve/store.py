@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seed TEXT NOT NULL,
     mode TEXT NOT NULL,
     cache TEXT NOT NULL,
+    expand_prompt INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     input_path TEXT,
     output_path TEXT,
@@ -127,6 +128,7 @@ class Job:
     seed: int
     mode: str
     cache: str
+    expand_prompt: bool
     attempts: int
     input_path: str | None
     output_path: str | None
@@ -138,6 +140,7 @@ class Job:
     def from_row(cls, row: sqlite3.Row) -> Job:
         values = {name: row[name] for name in row.keys()}
         values["seed"] = int(values["seed"])
+        values["expand_prompt"] = bool(values["expand_prompt"])
         return cls(**values)
 
     @property
@@ -162,6 +165,7 @@ NEW_JOB_COLUMNS = (
     "seed",
     "mode",
     "cache",
+    "expand_prompt",
     "input_path",
 )
 JOB_COLUMNS = tuple(f.name for f in fields(Job))

@@ -84,7 +84,8 @@ class ServeSettings:
 
 def generation_request(settings: ServeSettings, seed: int | None = None, **arguments):
     """The :class:`GenerationRequest` of a job (``arguments``: ``GenerationRequest.build``'s prompt,
-    negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, image), frames as numpy.
+    negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, expand_prompt, image), frames
+    as numpy.
     Raises :class:`RequestError` naming the parameter."""
     import torch
 
@@ -130,6 +131,7 @@ def job_request(settings: ServeSettings, store: JobStore, job: Job):
         num_frames=job.num_frames,
         num_inference_steps=job.num_inference_steps,
         guidance_scale=job.guidance_scale,
+        expand_prompt=job.expand_prompt,
         image=image,
     )
 
