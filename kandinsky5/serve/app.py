@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kandinsky5.serve import schemas
 from kandinsky5.serve.schemas import SERVER_ERROR, VideoCreateParams, error_body, video_object
@@ -154,7 +155,10 @@ class GuardMiddleware:
                 message["headers"] = [*message["headers"], (b"x-content-type-options", b"nosniff")]
             await send(message)
 
-        await self.app(scope, counted_receive, send_with_headers)
+        try:
+            await self.app(scope, counted_receive, send_with_headers)
+        except ClientDisconnect:  # the client went away while it sent its body: no one to answer, nothing to log
+            pass
 
     def _too_large(self) -> str:
         return f"the request body is larger than {self.max_body_bytes // (1024 * 1024)} MB"
