@@ -565,3 +565,51 @@ def test_calibrated_ratios_drive_the_cache_of_any_checkpoint(tiny_checkpoint, tm
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     skipped, total = summary.split("cache skipped ")[1].split(" model calls")[0].split(" of ")
     assert int(total) == 20 and 0 < int(skipped) < int(total)
+
+
+def kohya_lora(path, rank: int = 2, seed: int = 0):
+    """A kohya-format LoRA on the tiny checkpoint's first visual block's feed-forward (64 -> 128 -> 64)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = "lora_unet_visual_transformer_blocks_0_feed_forward_in_layer"
+    tensors = {
+        f"{layer}.lora_down.weight": torch.randn(rank, 64, generator=gen),
+        f"{layer}.lora_up.weight": torch.randn(128, rank, generator=gen),
+        f"{layer}.alpha": torch.tensor(float(rank)),
+    }
+    save_file(tensors, str(path), metadata={"trigger": "kndnsk5 style, "})
+    return path
+
+
+def test_lora_option_changes_the_video_and_scale_zero_does_not(tiny_checkpoint, tmp_path):
+    lora = kohya_lora(tmp_path / "style.safetensors")
+    runs = {
+        "base": [],
+        "lora": ["--lora", f"{lora}:1.0", "--no-trigger-words"],
+        "zero": ["--lora", f"{lora}:0", "--no-trigger-words"],
+        "trigger": ["--lora", f"{lora}:0"],  # scale 0: only the trigger words before the prompt change the video
+    }
+    frames = {}
+    for name, options in runs.items():
+        out = tmp_path / f"{name}.mp4"
+        assert generate_tiny(tiny_checkpoint, out, "--seed", "1", *options) == 0
+        frames[name] = read_video(out)[0]
+    same = [(a == b).all() for a, b in zip(frames["base"], frames["zero"], strict=True)]
+    assert all(same)
+    assert any((a != b).any() for a, b in zip(frames["base"], frames["lora"], strict=True))
+    assert any((a != b).any() for a, b in zip(frames["base"], frames["trigger"], strict=True))
+
+
+def test_bad_lora_option_is_one_line_before_loading(tiny_checkpoint, tmp_path, capsys):
+    code = generate_tiny(tiny_checkpoint, tmp_path / "v.mp4", "--lora", str(tmp_path / "missing.safetensors"))
+    assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lora" in err
+
+
+def test_expand_prompt_prints_the_expansion_first(tiny_checkpoint, tmp_path, capsys):
+    assert generate_tiny(tiny_checkpoint, tmp_path / "v.mp4", "--expand-prompt", "--steps", "1") == 0
+    lines = capsys.readouterr().out.splitlines()
+    expanded = [line for line in lines if line.startswith("kandinsky5: expanded prompt: ")]
+    assert len(expanded) == 1 and expanded[0] != "kandinsky5: expanded prompt: a red fox"

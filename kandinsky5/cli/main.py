@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kandinsky5.cli.calibrate import add_calibrate_parser, cmd_calibrate_cache
+from kandinsky5.cli.lora_options import add_lora_options, apply_lora_options, check_lora_options
 from kandinsky5.cli.plan import add_plan_parser, add_quantize_options, cmd_plan
 from kandinsky5.cli.serve import add_serve_parser, cmd_serve
 from kandinsky5.variants import FPS as DEFAULT_FPS
@@ -48,6 +49,7 @@ OPTION_OF_PARAMETER = {
     "num_inference_steps": "--steps",
     "guidance_scale": "--guidance",
     "max_sequence_length": "--max-sequence-length",
+    "expand_prompt": "--expand-prompt",
     "image": "--image",
 }
 
@@ -154,6 +156,12 @@ def add_generate_parser(sub) -> None:
     )
     gen.add_argument("--quality", type=float, default=DEFAULT_QUALITY, help="video quality 0..10 (default 9)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
+    gen.add_argument(
+        "--expand-prompt",
+        action="store_true",
+        help="rewrite the prompt into a detailed caption with the model's own Qwen2.5-VL first (as the original "
+        "repository does by default); the expanded prompt is printed before generating",
+    )
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.add_argument("--attention-backend", default=None, help="auto, sdpa, cudnn, flash, efficient, math, flex")
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (regional)")
@@ -176,6 +184,7 @@ def add_generate_parser(sub) -> None:
         help="MagCache ratios from `kandinsky5 calibrate-cache` (default: the model's official ones)",
     )
     add_quantize_options(gen)
+    add_lora_options(gen)
     add_device_options(
         gen,
         "auto (default): the fastest mode that fits the GPU's free memory (see `kandinsky5 plan`; none on a CPU); "
@@ -347,6 +356,7 @@ def build_request(args, facts, first_frame):
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             max_sequence_length=args.max_sequence_length,
+            expand_prompt=getattr(args, "expand_prompt", False),  # generate only (plan shares this)
             image=first_frame,
             output_type="np",
         )
@@ -513,6 +523,7 @@ def prepare_generate(args, launch=None):
     device, dtype = _device_and_dtype(args) if launch is None else _parallel_device_and_dtype(args, launch)
     _check_runtime_options(args, device)
     check_quantize_options(args, device, dtype)
+    check_lora_options(args)
     if launch is None:
         resolve_generate_offload(args, request, device, dtype)
         return request, device, dtype
@@ -533,10 +544,15 @@ def run_generate(args, request, device, dtype, parallel: ParallelRun | None = No
     load_s = time.perf_counter() - start
     # The prompt (and the negative prompt, when guidance is on) is encoded once for every seed.
     encoding = PhaseTimes()
-    with interrupted_during("encoding the prompt"), RunControl(on_progress=encoding).phase(Phase.ENCODE_TEXT):
-        request = encoded_once(pipe, request)
-    results: list[SeedResult] = []
     prints = parallel is None or parallel.is_main
+    if args.lora_trigger_words:  # the adapters' trigger words before the prompt (not with --no-trigger-words)
+        from kandinsky5.pipelines.lora import with_trigger_words
+
+        prompts = [with_trigger_words(p, args.lora_trigger_words) for p in request.prompt]
+        request = dataclasses.replace(request, prompt=prompts)
+    with interrupted_during("encoding the prompt"), RunControl(on_progress=encoding).phase(Phase.ENCODE_TEXT):
+        request = encoded_once(pipe, request, prints)
+    results: list[SeedResult] = []
     try:
         for seed, out in zip(args.seed, args.outputs, strict=True):
             results.append(generate_one(args, pipe, request, seed, out, device, parallel))
@@ -771,6 +787,8 @@ def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = N
         pipe.fuse_qkv_projections()
     if args.quantize_transformer is not None or args.quantize_text_encoder is not None:
         pipe.quantize(transformer=args.quantize_transformer, text_encoder=args.quantize_text_encoder)
+    # LoRA after quantization (a separate low-rank branch over quantized weights), before offloading
+    args.lora_trigger_words = apply_lora_options(args, pipe)
     if args.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last_3d)
     if args.vae_tiling == "on":
@@ -795,13 +813,11 @@ def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = N
     if parallel is not None:
         # before compiling (the blocks compile with their FSDP hooks) and before the cache (its wrapper outermost,
         # so it decides on the whole sequence, alike on every rank)
-        mesh = pipe.enable_parallelism(
-            ulysses_degree=parallel.config.ulysses_degree, cfg_degree=parallel.config.cfg_degree
+        pipe.enable_parallelism(
+            ulysses_degree=parallel.config.ulysses_degree,
+            cfg_degree=parallel.config.cfg_degree,
+            shard_weights=parallel.shard_weights,
         )
-        if parallel.shard_weights:
-            from kandinsky5.runtime.parallel.fsdp import shard_transformer
-
-            shard_transformer(pipe.transformer, mesh)
     if args.attention_backend is not None:
         pipe.transformer.set_attention_backend(args.attention_backend)
     if args.compile:
@@ -812,17 +828,20 @@ def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = N
     return pipe
 
 
-def encoded_once(pipe, request):
-    """``request`` with its prompts replaced by their embeddings, so that every seed reuses them."""
-    import dataclasses
-
-    embeds = embedding_kwargs(
-        "prompt", pipe.encode_prompt(request.prompt, max_sequence_length=request.max_sequence_length)
-    )
+def encoded_once(pipe, request, prints: bool = True):
+    """``request`` with its prompts (expanded first with ``--expand-prompt``; the expansion printed when
+    ``prints``) replaced by their embeddings, so that every seed reuses them."""
+    prompt = request.prompt
+    if request.expand_prompt:
+        prompt = pipe.expand_prompt(prompt)
+        if prints:
+            for text in prompt:
+                print(f"kandinsky5: expanded prompt: {text}", flush=True)
+    embeds = embedding_kwargs("prompt", pipe.encode_prompt(prompt, max_sequence_length=request.max_sequence_length))
     if request.uses_guidance:
         negative = pipe.encode_prompt(request.negative_prompts(), max_sequence_length=request.max_sequence_length)
         embeds.update(embedding_kwargs("negative_prompt", negative))
-    return dataclasses.replace(request, prompt=None, negative_prompt=None, **embeds)
+    return dataclasses.replace(request, prompt=None, negative_prompt=None, expand_prompt=False, **embeds)
 
 
 class PhaseTimes:
@@ -954,7 +973,7 @@ def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: Pa
         print(f"kandinsky5: error: seed {seed}: sampling failed ({one_line(err)}); nothing to keep", file=sys.stderr)
         return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: sampling ({type(err).__name__}); nothing kept")
     stage, frames = Phase.DECODE, None
-    decode = pipe.decode_latents if parallel is None else parallel_decode(pipe)
+    decode = pipe.decode_latents  # in a parallel run the ranks share the tiles
     try:
         with interrupted_during(times.current):
             with control.phase(Phase.DECODE):
@@ -995,16 +1014,6 @@ def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: Pa
     if cache is not None:
         line += f"; cache skipped {cache.skipped_calls} of {cache.total_calls} model calls"
     return SeedResult(seed, True, line)
-
-
-def parallel_decode(pipe):
-    """The pipeline's ``decode_latents`` with the VAE's tiles shared among the ranks of the default process group
-    (kandinsky5/runtime/parallel/vae.py): the same video as one process decodes, bit for bit."""
-    from functools import partial
-
-    from kandinsky5.runtime.parallel.vae import decode_latents_parallel
-
-    return partial(decode_latents_parallel, pipe.vae)
 
 
 def decode_failed(args, request, seed: int, out: Path, latents, err: BaseException, main: bool) -> StageFailed:

@@ -30,6 +30,7 @@ from kandinsky5.models import text_encoders as te
 from kandinsky5.models.nabla_params import nabla_params_for_latents
 from kandinsky5.pipelines.adapters import ProgressBar, StepCallback
 from kandinsky5.pipelines.loading import check_load_arguments, load_components
+from kandinsky5.pipelines.lora import LoraMixin
 from kandinsky5.pipelines.output import KandinskyPipelineOutput, decode_latents, postprocess_video
 from kandinsky5.pipelines.prompt_expansion import PromptExpansionMixin
 from kandinsky5.pipelines.registry import check_checkpoint_class
@@ -42,6 +43,7 @@ from kandinsky5.pipelines.request import (
     noise_latent_shape,
 )
 from kandinsky5.resolutions import rope_scale_factor
+from kandinsky5.runtime.lora import sync as sync_lora
 from kandinsky5.runtime.offload import (
     ModelCpuOffload,
     OffloadPlan,
@@ -71,7 +73,7 @@ logger = logging.getLogger(__name__)
 _RUNNING_CALL: ContextVar[RunningCall | None] = ContextVar("kandinsky5_running_call", default=None)
 
 
-class Kandinsky5PipelineBase(PromptExpansionMixin):
+class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
     """Shared machinery of the Kandinsky 5 video pipelines (Diffusers-compatible API)."""
 
     # model_index.json class names this pipeline loads
@@ -179,6 +181,8 @@ class Kandinsky5PipelineBase(PromptExpansionMixin):
                     module.to(dtype)
             if device is not None:
                 module.to(device)
+        if dtype is not None:
+            sync_lora(self.transformer)  # to_dtype casts parameters; the LoRA branches follow
         return self
 
     @property
@@ -254,6 +258,7 @@ class Kandinsky5PipelineBase(PromptExpansionMixin):
         plan = self._offload_plan
         self.remove_all_hooks()
         transform()
+        sync_lora(self.transformer)  # LoRA branches follow the new layers
         if plan is not None:
             self._enable_offload(type(plan), None, plan.device, **plan.options)
 
@@ -268,7 +273,9 @@ class Kandinsky5PipelineBase(PromptExpansionMixin):
 
     # ------------------------------------------------------------------ several processes
 
-    def enable_parallelism(self, ulysses_degree: int | None = None, cfg_degree: int | None = None) -> ParallelMesh:
+    def enable_parallelism(
+        self, ulysses_degree: int | None = None, cfg_degree: int | None = None, shard_weights: bool = False
+    ) -> ParallelMesh:
         """Share every call among the processes of the default process group (``torch.distributed`` initialised
         first, e.g. under ``torchrun``; every rank calls this, then every rank calls the pipeline with the same
         arguments and gets the same output). Returns the mesh (also ``pipe._parallel``).
@@ -281,10 +288,14 @@ class Kandinsky5PipelineBase(PromptExpansionMixin):
         derived from it: CFG 2 when the model runs with guidance by default and the world size is even, the rest
         Ulysses. Degree 1 everywhere is the single-process path (no exchange at all).
 
+        ``shard_weights``: the transformer's blocks are sharded over all ranks with FSDP2, each block's weights
+        gathered for its forward (:func:`~kandinsky5.runtime.parallel.fsdp.shard_transformer`; permanent:
+        :meth:`disable_parallelism` leaves them sharded). Shard after fusing or quantizing, before ``compile()``.
+
         Text is encoded once, on rank 0, and broadcast; every rank draws the same noise from the same generator
-        (pass each rank the same seed) and decodes the latents itself. Place the pipeline on ``mesh.device`` (its
-        GPU) yourself. RuntimeError when ``torch.distributed`` is not initialised; ValueError when the degrees do
-        not fit the world size or the heads.
+        (pass each rank the same seed); the VAE decode's tiles are shared among the ranks. Place the pipeline on
+        ``mesh.device`` (its GPU) yourself. RuntimeError when ``torch.distributed`` is not initialised;
+        ValueError when the degrees do not fit the world size or the heads.
         """
         import torch.distributed as dist
 
@@ -303,6 +314,11 @@ class Kandinsky5PipelineBase(PromptExpansionMixin):
         mesh = ParallelMesh.build(config)
         if config.ulysses_degree > 1:
             self._parallel_handle = self.transformer.wrap_stage(VISUAL_BLOCKS, UlyssesStage.for_mesh(mesh))
+        if shard_weights:
+            from kandinsky5.runtime.parallel.fsdp import is_sharded, shard_transformer
+
+            if not is_sharded(self.transformer):
+                shard_transformer(self.transformer, mesh)
         self._parallel = mesh
         return mesh
 
@@ -474,7 +490,12 @@ class Kandinsky5PipelineBase(PromptExpansionMixin):
         return latents
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Channels-last latents ``(batch, T, H, W, C)`` -> decoded video ``(batch, 3, frames, H, W)`` in [-1, 1]."""
+        """Channels-last latents ``(batch, T, H, W, C)`` -> decoded video ``(batch, 3, frames, H, W)`` in [-1, 1];
+        in a parallel run the tiles are shared among the ranks (the same result)."""
+        if self._parallel is not None and self._parallel.world_size > 1:
+            from kandinsky5.runtime.parallel.vae import decode_latents_parallel
+
+            return decode_latents_parallel(self.vae, latents, self._parallel)
         return decode_latents(self.vae, latents)
 
     # ------------------------------------------------------------------ generation
