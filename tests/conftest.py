@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kandinsky5 import tiny
+from kandinsky5.runtime.memory_plan import NABLA_ATTENTION as OFFICIAL_NABLA_ATTENTION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
@@ -30,19 +31,8 @@ TINY_TRANSFORMER = dict(
     ff_dim=48,
 )
 TINY_VAE = dict(tiny.TINY_VAE)
-NABLA_ATTENTION = dict(
-    attention_type="nabla",
-    attention_causal=False,
-    attention_local=False,
-    attention_glob=False,
-    attention_window=3,
-    attention_method="topcdf",
-    attention_P=0.8,
-    attention_add_sta=True,
-    attention_wT=11,
-    attention_wW=3,
-    attention_wH=3,
-)
+# the official NABLA checkpoints' attention settings, on the tiny DiT
+NABLA_ATTENTION = dict(OFFICIAL_NABLA_ATTENTION)
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
