@@ -187,13 +187,17 @@ class Fuzzer:
     """Sends cases to the server and checks every answer; counts them; cancels and removes any job that a create
     request queued (its id in ``slipped``)."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, root: Path):
         self.server = server
+        self.root = root
         self.client = server.client()
         self.sent = 0
         self.slipped: list[str] = []
         self.statuses: dict[int, int] = {}
         self.categories: set[str] = set()
+        self.outside_before: set[str] = set()  # the files under root outside the data folder, before
+        self.blocker: str | None = None  # the id of the job that holds the worker
+        self.started = 0.0  # time.monotonic() when the fuzzing began
 
     # -- checks
 
@@ -285,9 +289,8 @@ def fuzz(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-fuzz")
     server = Server(tiny_checkpoint(root / "tiny-t2v"), root / "data", token=TOKEN)
     server.start()
-    fuzzer = Fuzzer(server)
+    fuzzer = Fuzzer(server, root)
     try:
-        fuzzer.root = root
         fuzzer.outside_before = file_tree(root, skip=(server.data_dir, server.log_path))
         blocker = fuzzer.client.post("/v1/videos", json={**BASE, "num_inference_steps": BLOCKER_STEPS})
         assert blocker.status_code == 200, blocker.text
@@ -441,7 +444,22 @@ def test_every_field_with_wrong_types_and_extreme_values(fuzz):
         fuzz.create(f"extreme {field}={value}", {**BASE, field: value})
     fuzz.create("all the extremes", {**BASE, **extremes})
     fuzz.create("seconds and num_frames", {**BASE, "seconds": 1})
-    fuzz.create("seconds 1e308 (an OverflowError was a 500)", {**BASE, "num_frames": None, "seconds": 1e308})
+    # the 500s this fuzzing found, now a 400 naming the field
+    regressions = [
+        ("seconds", b'{"prompt": "x", "seconds": 1e308}'),  # OverflowError: infinitely many frames
+        ("size", '{"prompt": "x", "size": "\u00b2x\u00b2"}'.encode()),  # "²".isdigit(), and int("²") fails
+        ("size", b'{"prompt": "x", "size": "' + b"9" * 5000 + b'x64"}'),  # int() of over 4300 digits
+        ("num_inference_steps", b'{"prompt": "x", "num_inference_steps": 9223372036854775808}'),  # SQLite int64
+        ("prompt", rb'{"prompt": "a\ud800"}'),  # a lone surrogate: SQLite could not store it
+        (None, rb'{"prompt": "a", "x\ud800": 1}'),  # nor in a field's name
+        (None, b"[" * 100_000),  # RecursionError in the JSON decoder
+        (None, b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}"),  # int() of over 4300 digits in the decoder
+    ]
+    for param, content in regressions:
+        response = fuzz.send(
+            f"regression {content[:60]!r}", "POST", "/v1/videos", (400,), content=content, headers=JSON_HEADERS
+        )
+        assert response.json()["error"]["param"] == param, response.text
     after_batch(fuzz, "fields")
 
 
