@@ -551,7 +551,7 @@ def run_generate(args, request, device, dtype, parallel: ParallelRun | None = No
         prompts = [with_trigger_words(p, args.lora_trigger_words) for p in request.prompt]
         request = dataclasses.replace(request, prompt=prompts)
     with interrupted_during("encoding the prompt"), RunControl(on_progress=encoding).phase(Phase.ENCODE_TEXT):
-        request = encoded_once(pipe, request, prints)
+        request = encoded_once(pipe, request, prints, shared=parallel is not None)
     results: list[SeedResult] = []
     try:
         for seed, out in zip(args.seed, args.outputs, strict=True):
@@ -828,12 +828,20 @@ def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = N
     return pipe
 
 
-def encoded_once(pipe, request, prints: bool = True):
+def encoded_once(pipe, request, prints: bool = True, shared: bool = False):
     """``request`` with its prompts (expanded first with ``--expand-prompt``; the expansion printed when
-    ``prints``) replaced by their embeddings, so that every seed reuses them."""
+    ``prints``) replaced by their embeddings, so that every seed reuses them. ``shared`` (a run under torchrun):
+    rank 0 alone expands, and sends the text to the other ranks."""
     prompt = request.prompt
     if request.expand_prompt:
-        prompt = pipe.expand_prompt(prompt)
+        if shared:
+            import torch.distributed as dist
+
+            sent = [pipe.expand_prompt(prompt) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(sent, src=0)
+            prompt = sent[0]
+        else:
+            prompt = pipe.expand_prompt(prompt)
         if prints:
             for text in prompt:
                 print(f"kandinsky5: expanded prompt: {text}", flush=True)
