@@ -100,6 +100,7 @@ def new_job(store: JobStore) -> str:
         seed=2**64 - 1,  # the largest torch seed: beyond SQLite's integers, kept exactly
         mode="t2v",
         cache="none",
+        expand_prompt=False,
         input_path=None,
     )
     return job_id
