@@ -6,6 +6,7 @@
 # what they wrote is copied to $OUT when that is set. A failed run is reported and the next one still runs.
 # Runs 8-12 are the memory table (benchmarks/memory.py), one device command each; expected on an H200 (estimates
 # from the H100 figures in shared/reference, dense attention): 8 ~4 min, 9 ~7 min, 10 ~7 min, 11 ~4 min, 12 ~3 min.
+# Run 13 (benchmarks/parallel_overhead.py, ~1 min) fails when a degree-1 run costs 1 % or more over the plain one.
 # The runs that quantize also put the torchao wheel of .whl/quantization/ on the path (only they: an import of
 # diffusers must not depend on it).
 set -uo pipefail
@@ -29,6 +30,8 @@ RUNS=(
   "memory.py --model pro --modes sequential --warmup-steps 0"
   # one Pro DiT forward at 768x1280x121 in bf16 and with FP8 weights (needs torchao: .whl/quantization/)
   "memory.py --model pro --modes none --fp8-forward --repeats 1"
+  # the single-GPU overhead of the parallel code paths at degree 1 (Lite 512x768x121, NCCL world of one): < 1 %
+  "parallel_overhead.py --model lite"
 )
 # A machine that received the repository alone (benchmarks/README.md): the carried wheels and reference files.
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu-check-site}

@@ -1,5 +1,6 @@
 """``kandinsky5 generate`` under torchrun (``python -m torch.distributed.run``), on the CPU with gloo; and the
-communication model of ``benchmarks/parallel_model.py``.
+communication model of ``benchmarks/parallel_model.py``; the smoke run of ``benchmarks/parallel_overhead.py`` (a world
+of one in this process).
 
 Two real launches of two processes on the package's tiny checkpoint: one writes a video (Ulysses 2 with sharded
 weights: rank 0 alone writes the one MP4 and prints), one has rank 1 raise after the first denoising step (the
@@ -171,13 +172,17 @@ def test_fault_injection_switch():
 # ---------------------------------------------------------------------------------------- the communication model
 
 
-def load_parallel_model():
-    path = REPO_ROOT / "benchmarks" / "parallel_model.py"
-    spec = importlib.util.spec_from_file_location("parallel_model", path)
+def load_benchmark(name: str):
+    path = REPO_ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)  # (it puts benchmarks/ on sys.path for its `common`)
     return module
+
+
+def load_parallel_model():
+    return load_benchmark("parallel_model")
 
 
 def test_parallel_model_arithmetic(tmp_path, capsys):
@@ -234,3 +239,23 @@ def test_parallel_model_arithmetic(tmp_path, capsys):
     for row in result["rows"]:
         assert 0 < row["efficiency"] <= 1 + 1e-9 and row["speedup"] <= row["gpus"] + 1e-9
     assert "lite 5 s 512x768" in printed and "pro 10 s 768x1280" in printed
+
+
+# ------------------------------------------------------------------------------ the overhead at degree 1 (smoke)
+
+
+def test_parallel_overhead_smoke(monkeypatch, capsys):
+    """``benchmarks/parallel_overhead.py --smoke``: the tiny DiT plain and in a gloo world of one after
+    ``enable_parallelism(1, 1)``; nothing installed, equal outputs, the world gone afterwards (no timing judged)."""
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    overhead = load_benchmark("parallel_overhead")
+    assert not dist.is_initialized()
+    result = overhead.run(["--smoke", "--repeats", "2"], save=False)
+    assert not dist.is_initialized()
+    assert result["backend"] == "gloo" and result["mesh"] == {"ulysses_degree": 1, "cfg_degree": 1, "world": 1}
+    assert result["installed_at_degree_1"] == [] and result["outputs_equal"] and result["passed"]
+    assert [len(values) for values in result["seconds"].values()] == [2, 2]
+    assert isinstance(result["relative_overhead"], float)
+    printed = capsys.readouterr().out
+    assert "installed at degree 1: none; outputs equal bit for bit: True" in printed and "PASS" in printed
