@@ -241,3 +241,23 @@ def test_quantized_blocks_stream_at_their_stored_size(pipe):
     # a streamed block's bytes: int8 codes plus scales, about a quarter of its float32 linear weights
     float_bytes = sum(p.numel() * 4 for p in block.block.parameters())
     assert block.nbytes < float_bytes
+
+
+def test_a_failing_block_leaves_every_block_at_home(pipe):
+    """A forward that raises inside a streamed block: the hooks still put the block's host tensors back, and the
+    next call runs as before."""
+    expected = run(pipe)
+    stream(pipe)
+    block = pipe.transformer.visual_transformer_blocks[1]
+    resting = [storage(p.get()) for p in tensor_places(block)]
+
+    def fail(module, args):
+        raise RuntimeError("injected")
+
+    handle = block.feed_forward.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(pipe)
+    handle.remove()
+    assert [storage(p.get()) for p in tensor_places(block)] == resting
+    pipe.maybe_free_model_hooks()
+    assert np.array_equal(run(pipe), expected)

@@ -254,9 +254,11 @@ class BlockRing:
         self.transfers.block_runs(block, slot_index)
 
     def after(self, position: int) -> None:
-        """The block at ``position`` has been issued: its slot may be refilled once the compute gets there."""
-        slot = self.slots[self._slot_of(position)]
-        slot.free = self.transfers.compute_event()
+        """The block at ``position`` has been issued: its slot may be refilled once the compute gets there. Also
+        called when the forward (or :meth:`before`) raised: then the block may hold no slot."""
+        slot = next((s for s in self.slots if s.occupant == position), None)
+        if slot is not None:
+            slot.free = self.transfers.compute_event()
         self.blocks[position].point_home()
 
     def release(self) -> None:
