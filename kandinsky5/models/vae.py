@@ -201,16 +201,25 @@ class CausalFrameAttention(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """resnet, then (attention, resnet) pairs, at the lowest resolution."""
+    """resnet, then (attention, resnet) pairs, at the lowest resolution. ``attention`` and ``resnet`` are the
+    block classes (the video VAE's causal ones by default; the image VAE passes its 2D ones)."""
 
-    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
+    def __init__(
+        self,
+        channels: int,
+        groups: int,
+        act_fn: str,
+        add_attention: bool,
+        attention: type[nn.Module] | None = None,
+        resnet: type[nn.Module] | None = None,
+    ):
         super().__init__()
+        attention = attention or CausalFrameAttention
+        resnet = resnet or CausalResnetBlock
         # registered in the reference's order, so state_dict() lists keys as Diffusers does
-        attentions = [CausalFrameAttention(channels, groups) for _ in range(MID_BLOCK_LAYERS)] if add_attention else []
+        attentions = [attention(channels, groups) for _ in range(MID_BLOCK_LAYERS)] if add_attention else []
         self.attentions = nn.ModuleList(attentions)
-        self.resnets = nn.ModuleList(
-            CausalResnetBlock(channels, channels, groups, act_fn) for _ in range(1 + MID_BLOCK_LAYERS)
-        )
+        self.resnets = nn.ModuleList(resnet(channels, channels, groups, act_fn) for _ in range(1 + MID_BLOCK_LAYERS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -252,11 +261,19 @@ class CausalUpsample(nn.Module):
         return self.conv(x)
 
 
-def resnet_stack(in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str) -> nn.ModuleList:
-    """The resnet blocks of one encoder or decoder stage; the first one changes the channel count."""
+def resnet_stack(
+    in_channels: int,
+    out_channels: int,
+    num_layers: int,
+    groups: int,
+    act_fn: str,
+    resnet: type[nn.Module] | None = None,
+) -> nn.ModuleList:
+    """The resnet blocks (``resnet``, default the causal one) of one encoder or decoder stage; the first one
+    changes the channel count."""
+    resnet = resnet or CausalResnetBlock
     return nn.ModuleList(
-        CausalResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-        for i in range(num_layers)
+        resnet(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
     )
 
 

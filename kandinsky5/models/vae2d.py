@@ -24,7 +24,10 @@ from kandinsky5.models.vae import (
     DecoderOutput,
     DiagonalGaussianDistribution,
     EncoderOutput,
+    MidBlock,
     make_activation,
+    resnet_stack,
+    run_stage,
     spatial_tiles,
     stitch_tiles,
 )
@@ -38,7 +41,6 @@ RESAMPLE_FACTOR = 2
 # The reference's downsampling convolution has no padding of its own: one zero row and column after the image.
 DOWNSAMPLE_PAD = (0, 1, 0, 1)
 # Resnet-attention pairs after the mid block's first resnet.
-MID_BLOCK_LAYERS = 1
 # The reference's tiles overlap by this fraction of a tile.
 TILE_OVERLAP_FACTOR = 0.25
 
@@ -118,25 +120,9 @@ class SpatialAttention(nn.Module):
         return out + x
 
 
-class MidBlock(nn.Module):
-    """resnet, then (attention, resnet) pairs, at the lowest resolution."""
-
-    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
-        super().__init__()
-        # registered in the reference's order, so state_dict() lists keys as Diffusers does
-        attentions = [SpatialAttention(channels, groups) for _ in range(MID_BLOCK_LAYERS)] if add_attention else []
-        self.attentions = nn.ModuleList(attentions)
-        self.resnets = nn.ModuleList(
-            ResnetBlock(channels, channels, groups, act_fn) for _ in range(1 + MID_BLOCK_LAYERS)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
-        for i, resnet in enumerate(self.resnets[1:]):
-            if self.attentions:
-                x = self.attentions[i](x)
-            x = resnet(x)
-        return x
+def mid_block(channels: int, groups: int, act_fn: str, add_attention: bool) -> MidBlock:
+    """The video VAE's mid block with the image VAE's 2D attention and resnets."""
+    return MidBlock(channels, groups, act_fn, add_attention, attention=SpatialAttention, resnet=ResnetBlock)
 
 
 class Downsample(nn.Module):
@@ -161,39 +147,24 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=float(RESAMPLE_FACTOR), mode="nearest"))
 
 
-def resnet_stack(in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str) -> nn.ModuleList:
-    """The resnet blocks of one encoder or decoder stage; the first one changes the channel count."""
-    return nn.ModuleList(
-        ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
-    )
-
-
 class DownBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, down: bool):
         super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups, act_fn)
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups, act_fn, resnet=ResnetBlock)
         self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if down else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for downsampler in self.downsamplers or ():
-            x = downsampler(x)
-        return x
+        return run_stage(x, self.resnets, self.downsamplers)
 
 
 class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, up: bool):
         super().__init__()
-        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups, act_fn)
+        self.resnets = resnet_stack(in_channels, out_channels, num_layers, groups, act_fn, resnet=ResnetBlock)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if up else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for upsampler in self.upsamplers or ():
-            x = upsampler(x)
-        return x
+        return run_stage(x, self.resnets, self.upsamplers)
 
 
 class Encoder(nn.Module):
@@ -208,7 +179,7 @@ class Encoder(nn.Module):
             DownBlock(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups, act_fn, i < last)
             for i in range(len(channels))
         )
-        self.mid_block = MidBlock(channels[-1], groups, act_fn, config.mid_block_add_attention)
+        self.mid_block = mid_block(channels[-1], groups, act_fn, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=NORM_EPS)
         # the reference's output activation is SiLU whatever act_fn says
         self.conv_act = nn.SiLU()
@@ -236,7 +207,7 @@ class Decoder(nn.Module):
             UpBlock(channels[max(i - 1, 0)], channels[i], config.layers_per_block + 1, groups, act_fn, i < last)
             for i in range(len(channels))
         )
-        self.mid_block = MidBlock(channels[0], groups, act_fn, config.mid_block_add_attention)
+        self.mid_block = mid_block(channels[0], groups, act_fn, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=NORM_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = conv3x3(channels[-1], config.out_channels)
