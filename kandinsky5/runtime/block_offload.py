@@ -126,6 +126,8 @@ class StreamedBlock:
             place.set(resting)
             self.host.append(resting)
         self.host_leaves = [tensor_leaves(t) for t in self.host]
+        # every plain tensor to copy, in slot order (made once: a copy is issued per block call)
+        self.flat_host_leaves = [leaf for leaves in self.host_leaves for leaf in leaves]
 
     @property
     def signature(self) -> tuple:
@@ -137,7 +139,7 @@ class StreamedBlock:
 
     @property
     def nbytes(self) -> int:
-        return sum(leaf.numel() * leaf.element_size() for leaves in self.host_leaves for leaf in leaves)
+        return sum(leaf.numel() * leaf.element_size() for leaf in self.flat_host_leaves)
 
     def point_to(self, tensors: list[torch.Tensor]) -> None:
         for place, tensor in zip(self.places, tensors, strict=True):
@@ -281,9 +283,7 @@ class BlockRing:
         else:
             candidates = [s for s in self.slots if s.occupant not in window]
             slot = min(candidates, key=lambda s: s.loaded_at)
-        slot.ready = self.transfers.copy(
-            slot.leaves, [leaf for leaves in block.host_leaves for leaf in leaves], after=slot.free, block=block
-        )
+        slot.ready = self.transfers.copy(slot.leaves, block.flat_host_leaves, after=slot.free, block=block)
         slot.occupant, slot.loaded_at, slot.free = position, next(self._loads), None
 
     def _new_slot(self, block: StreamedBlock) -> Slot:
