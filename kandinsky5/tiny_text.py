@@ -6,12 +6,18 @@ vocabularies of a few hundred tokens and 32-wide networks, so tests and smoke ru
 real tokenizer files.
 
 The tiny Qwen tokenizer is byte-level BPE whose merges are chosen so that the video prompt template splits into the
-same 128 prefix tokens as the real tokenizer: diffusers' pipeline crops a hard-coded 128 tokens, so a tiny checkpoint
-behaves in it exactly as a real one does. Prompts themselves fall mostly to single bytes.
+same 128 prefix tokens as the real tokenizer: diffusers' video pipelines crop a hard-coded 128 tokens, so a tiny video
+checkpoint behaves in them exactly as a real one does (the image templates' words fall mostly to single bytes, as
+prompts do). It has the real special tokens the templates use, vision ones included, and the tiny Qwen2.5-VL's config
+carries their tiny ids, so an image can be shown to it as the image-editing model shows one.
+
+The image checkpoints' ``tokenizer/`` also holds ``preprocessor_config.json``, Qwen's image processor with the real
+values (:data:`QWEN_IMAGE_PROCESSOR_CONFIG`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +30,27 @@ from kandinsky5.models.text_encoders import transformers_quietly
 QWEN_PAD_TOKEN = "<|endoftext|>"
 QWEN_IM_START = "<|im_start|>"
 QWEN_IM_END = "<|im_end|>"
-QWEN_SPECIAL_TOKENS = (QWEN_PAD_TOKEN, QWEN_IM_START, QWEN_IM_END)
+QWEN_VISION_START = "<|vision_start|>"
+QWEN_VISION_END = "<|vision_end|>"
+QWEN_IMAGE_PAD = "<|image_pad|>"
+QWEN_VIDEO_PAD = "<|video_pad|>"
+# In the real vocabulary's order (its ids 151643-151645, 151652, 151653, 151655, 151656); the tiny one has them last.
+QWEN_SPECIAL_TOKENS = (
+    QWEN_PAD_TOKEN,
+    QWEN_IM_START,
+    QWEN_IM_END,
+    QWEN_VISION_START,
+    QWEN_VISION_END,
+    QWEN_IMAGE_PAD,
+    QWEN_VIDEO_PAD,
+)
+# Qwen2_5_VLConfig's fields for the vision tokens' ids (the model finds image tokens and their positions by them).
+QWEN_VISION_TOKEN_ID_FIELDS = {
+    "vision_start_token_id": QWEN_VISION_START,
+    "vision_end_token_id": QWEN_VISION_END,
+    "image_token_id": QWEN_IMAGE_PAD,
+    "video_token_id": QWEN_VIDEO_PAD,
+}
 CLIP_BOS_TOKEN = "<|startoftext|>"
 CLIP_EOS_TOKEN = "<|endoftext|>"
 CLIP_END_OF_WORD = "</w>"
@@ -41,6 +67,28 @@ QWEN_TEMPLATE_SPLITS = {
 }
 # Tokens of the video template's prefix (before "{}") under the real tokenizer, which diffusers crops.
 QWEN_TEMPLATE_PREFIX_TOKENS = 128
+# Qwen2.5-VL's image processor, as the real ``preprocessor_config.json`` has it: images resized to multiples of
+# patch_size * merge_size = 28 pixels with min_pixels <= area <= max_pixels, normalised with CLIP's mean and std.
+QWEN_IMAGE_MIN_PIXELS = 3136
+QWEN_IMAGE_MAX_PIXELS = 12845056
+QWEN_PATCH_SIZE = 14
+QWEN_TEMPORAL_PATCH_SIZE = 2
+QWEN_MERGE_SIZE = 2
+QWEN_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+QWEN_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+QWEN_IMAGE_PROCESSOR_CONFIG = {
+    "min_pixels": QWEN_IMAGE_MIN_PIXELS,
+    "max_pixels": QWEN_IMAGE_MAX_PIXELS,
+    "patch_size": QWEN_PATCH_SIZE,
+    "temporal_patch_size": QWEN_TEMPORAL_PATCH_SIZE,
+    "merge_size": QWEN_MERGE_SIZE,
+    "image_mean": list(QWEN_IMAGE_MEAN),
+    "image_std": list(QWEN_IMAGE_STD),
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+QWEN_IMAGE_CHANNELS = 3
 
 # Tiny network sizes. Qwen: head_dim = hidden / heads; mrope_section splits head_dim / 2 rotary frequencies into
 # (time, height, width) in the real 16:24:24 proportion.
@@ -96,8 +144,9 @@ def _template_tokens(pre_tokenizer, template: str) -> list[str]:
 
 
 def build_tiny_qwen_tokenizer():
-    """A ``transformers.Qwen2Tokenizer`` over the 256 byte tokens, merges for the prompt template's words, and the
-    special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos), placed last as in the real one."""
+    """A ``transformers.Qwen2Tokenizer`` over the 256 byte tokens, merges for the video prompt template's words, and
+    the special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos),
+    ``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``, placed last as in the real one."""
     from transformers import Qwen2Tokenizer
 
     from kandinsky5.models.text_encoders import VIDEO_PROMPT_TEMPLATE
@@ -119,7 +168,7 @@ def build_tiny_qwen_tokenizer():
         bos_token=None,
         eos_token=QWEN_IM_END,
         pad_token=QWEN_PAD_TOKEN,
-        additional_special_tokens=[QWEN_IM_START, QWEN_IM_END],
+        additional_special_tokens=[token for token in QWEN_SPECIAL_TOKENS if token != QWEN_PAD_TOKEN],
         model_max_length=QWEN_MAX_LENGTH,
         padding_side="right",
         clean_up_tokenization_spaces=False,
@@ -132,6 +181,11 @@ def build_tiny_qwen_tokenizer():
             f"not the real tokenizer's {QWEN_TEMPLATE_PREFIX_TOKENS}"
         )
     return tokenizer
+
+
+def qwen_vision_token_ids(tokenizer) -> dict[str, int]:
+    """``Qwen2_5_VLConfig``'s vision token id fields (``image_token_id``, ...) with ``tokenizer``'s ids."""
+    return {field: tokenizer.convert_tokens_to_ids(token) for field, token in QWEN_VISION_TOKEN_ID_FIELDS.items()}
 
 
 def build_tiny_clip_tokenizer():
@@ -182,12 +236,16 @@ def build_tiny_qwen_text_encoder(
     *,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    vision_token_ids: dict[str, int] | None = None,
 ):
     """A randomly initialised float32 ``transformers.Qwen2_5_VLForConditionalGeneration`` with a 2-layer text model
-    of width ``hidden_size`` and a 1-block vision tower (the class always builds one).
+    of width ``hidden_size`` and a 1-block vision tower with Qwen2.5-VL's real patching (14-pixel patches, 2 frames
+    a patch, 2x2 patches merged into one token of width ``hidden_size``), so the real image processor feeds it.
 
-    The token ids are only recorded in the config (nothing here generates text); left None they are unset, rather
-    than the real vocabulary's ids, which lie outside a tiny one.
+    ``eos_token_id`` and ``pad_token_id`` are only recorded in the config (nothing here generates text); left None
+    they are unset, rather than the real vocabulary's ids, which lie outside a tiny one. ``vision_token_ids`` (see
+    :func:`qwen_vision_token_ids`) sets the config's ``image_token_id`` etc., by which the model places image
+    features; left None they keep the real vocabulary's ids.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -212,10 +270,15 @@ def build_tiny_qwen_text_encoder(
             hidden_size=VISION_HIDDEN_SIZE,
             intermediate_size=VISION_INTERMEDIATE_SIZE,
             num_heads=VISION_NUM_HEADS,
+            in_channels=QWEN_IMAGE_CHANNELS,
+            patch_size=QWEN_PATCH_SIZE,
+            temporal_patch_size=QWEN_TEMPORAL_PATCH_SIZE,
+            spatial_merge_size=QWEN_MERGE_SIZE,
             out_hidden_size=hidden_size,
             fullatt_block_indexes=[VISION_DEPTH - 1],
         ),
         tie_word_embeddings=False,  # as in the real checkpoints: lm_head is a weight of its own
+        **(vision_token_ids or {}),
     )
     with _seeded(seed):
         model = Qwen2_5_VLForConditionalGeneration(config)
@@ -247,9 +310,20 @@ def build_tiny_clip_text_encoder(vocab_size: int, hidden_size: int = 32, seed: i
     return model.float().eval()
 
 
-def write_tiny_text_components(root: Path, qwen_hidden_size: int, clip_hidden_size: int, seed: int = 0) -> None:
+def write_qwen_image_processor_config(folder: Path) -> Path:
+    """Write Qwen2.5-VL's image processor config (:data:`QWEN_IMAGE_PROCESSOR_CONFIG`) as ``folder``'s
+    ``preprocessor_config.json``, as the official image checkpoints' ``tokenizer/`` holds it; return its path."""
+    path = Path(folder) / IMAGE_PROCESSOR_FILE
+    path.write_text(json.dumps(QWEN_IMAGE_PROCESSOR_CONFIG, indent=2) + "\n")
+    return path
+
+
+def write_tiny_text_components(
+    root: Path, qwen_hidden_size: int, clip_hidden_size: int, seed: int = 0, *, image_processor: bool = False
+) -> None:
     """Save tiny tokenizers and random text encoders into ``root/{text_encoder,tokenizer,text_encoder_2,
-    tokenizer_2}`` with ``save_pretrained`` (safetensors), as in the official Diffusers checkpoints.
+    tokenizer_2}`` with ``save_pretrained`` (safetensors), as in the official Diffusers checkpoints; with
+    ``image_processor``, also Qwen's image processor config into ``root/tokenizer`` (the image checkpoints').
 
     Qwen's weights come from ``seed``, CLIP's from ``seed + 1``."""
     root = Path(root)
@@ -261,6 +335,7 @@ def write_tiny_text_components(root: Path, qwen_hidden_size: int, clip_hidden_si
         seed=seed,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        vision_token_ids=qwen_vision_token_ids(tokenizer),
     )
     text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=clip_hidden_size, seed=seed + 1)
     with transformers_quietly():
@@ -268,3 +343,5 @@ def write_tiny_text_components(root: Path, qwen_hidden_size: int, clip_hidden_si
         tokenizer_2.save_pretrained(str(root / "tokenizer_2"))
         text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
         text_encoder_2.save_pretrained(str(root / "text_encoder_2"), safe_serialization=True)
+    if image_processor:
+        write_qwen_image_processor_config(root / "tokenizer")

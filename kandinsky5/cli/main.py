@@ -116,7 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random-weight checkpoint (Diffusers layout)")
     tiny.add_argument("directory", help="where to write it")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--task", choices=["t2v", "i2v"], default="t2v", help="text- or image-to-video (default t2v)")
+    # sorted(kandinsky5.tiny.PIPELINE_CLASSES), spelt out: importing kandinsky5.tiny imports torch (tested equal)
+    tiny.add_argument(
+        "--task",
+        choices=["i2i", "i2v", "t2i", "t2v"],
+        default="t2v",
+        help="text-to-video, image-to-video, text-to-image or image editing (default t2v)",
+    )
     tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     return parser
 
@@ -377,7 +383,8 @@ def _model_facts(args, checkpoint: Path | None):
         raise UsageError(f"--image needs an image-to-video model; {args.model} is text-to-video")
     if args.image is None and image_to_video:
         raise UsageError(f"{args.model} is an image-to-video model: give the first frame with --image PATH")
-    return ModelFacts(variant=args.variant, nabla=nabla, image_to_video=image_to_video)
+    video_task = Task.IMAGE_TO_VIDEO if image_to_video else Task.TEXT_TO_VIDEO
+    return ModelFacts(variant=args.variant, nabla=nabla, task=video_task)
 
 
 def _first_frame(args, facts):
