@@ -1,4 +1,4 @@
-"""kandinsky5: an inference engine for the Kandinsky 5.0 video diffusion models.
+"""kandinsky5: an inference engine for the Kandinsky 5.0 video and image diffusion models.
 
 The public API mirrors diffusers': swap ``from diffusers import ...`` for ``from kandinsky5 import ...``.
 Names are imported on first use, so ``import kandinsky5`` (and the CLI's start) stays cheap.
@@ -14,8 +14,10 @@ _EXPORTS = {
     **PIPELINE_MODULES,
     "Kandinsky5Transformer3DModel": "kandinsky5.models.dit",
     "AutoencoderKLHunyuanVideo": "kandinsky5.models.vae",
+    "AutoencoderKL2D": "kandinsky5.models.vae2d",
     "FlowMatchEulerDiscreteScheduler": "kandinsky5.sampling.scheduler",
     "KandinskyPipelineOutput": "kandinsky5.pipelines.output",
+    "KandinskyImagePipelineOutput": "kandinsky5.pipelines.output",
     "GenerationRequest": "kandinsky5.pipelines.request",
     "RunControl": "kandinsky5.sampling.control",
     "ProgressEvent": "kandinsky5.sampling.control",

@@ -96,6 +96,14 @@ RESOLUTION_1024 = ResolutionClass(
     rope_scale=ROPE_SCALE_1024,
 )
 RESOLUTION_CLASSES = (RESOLUTION_512, RESOLUTION_1024)
+# The image models' sizes: the 1024 class, in the order diffusers' image pipelines search them (it lists them as
+# (width, height): 1024x1024, 640x1408, 1408x640, ...), which decides ties between equally near aspect ratios.
+IMAGE_RESOLUTIONS = tuple(
+    Size(height, width)
+    for width, height in ((1024, 1024), (640, 1408), (1408, 640), (768, 1280), (1280, 768), (896, 1152), (1152, 896))
+)
+# The image models' RoPE scale, whatever the size (diffusers' and the original's image pipelines).
+IMAGE_ROPE_SCALE = (1.0, 1.0, 1.0)
 
 
 def rope_scale_factor(height: int, width: int) -> tuple[float, float, float]:
@@ -105,6 +113,15 @@ def rope_scale_factor(height: int, width: int) -> tuple[float, float, float]:
     if low <= height <= high and low <= width <= high:
         return ROPE_SCALE_512
     return ROPE_SCALE_1024
+
+
+def snap_image_size(height: int, width: int) -> Size:
+    """``height x width`` when it is one of the image models' sizes, else the one nearest in aspect ratio (width
+    over height, the first of equals in diffusers' order)."""
+    if Size(height, width) in IMAGE_RESOLUTIONS:
+        return Size(height, width)
+    ratio = width / height
+    return min(IMAGE_RESOLUTIONS, key=lambda size: abs(size.width / size.height - ratio))
 
 
 def resolution_class_of(height: int, width: int) -> ResolutionClass:

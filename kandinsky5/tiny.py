@@ -126,11 +126,6 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0, task: str = "t2v") -> Pat
             torch.manual_seed(seed)
             Kandinsky5Transformer3DModel(transformer).save_pretrained(temporary / "transformer")
             vae_class.from_config(vae_config).save_pretrained(temporary / "vae")
-        if image:
-            vae_config_path = temporary / "vae" / "config.json"
-            saved = json.loads(vae_config_path.read_text())
-            saved["_class_name"] = IMAGE_VAE_CLASS_NAME
-            vae_config_path.write_text(json.dumps(saved, indent=2) + "\n")
         write_tiny_text_components(temporary, TINY_QWEN_HIDDEN, TINY_CLIP_HIDDEN, seed=seed, image_processor=image)
         scheduler = {
             "_class_name": "FlowMatchEulerDiscreteScheduler",

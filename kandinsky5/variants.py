@@ -1,4 +1,4 @@
-"""The official Kandinsky 5.0 video checkpoints and the settings each is meant to run with.
+"""The official Kandinsky 5.0 checkpoints (video and image) and the settings each is meant to run with.
 
 A pipeline knows its :class:`Variant` (``pipe.model_variant``, found by :func:`find_variant` when loading) and uses
 its :class:`GenerationDefaults` for every ``__call__`` argument the caller leaves as ``None``; without a known
@@ -11,6 +11,11 @@ and the 1024 class ("HD"), the latter its purpose, so Pro defaults to a 1024-cla
 only a fallback for a checkpoint folder without ``scheduler/scheduler_config.json``: 5.0 for all, the value of the
 published Diffusers configs we have (Pro T2V and I2V) and the one the original repository's script passes to
 every model (its per-config ``scheduler_scale`` entries, 10 for I2V and Lite 10 s nocfg, are not read by it).
+
+The image models (text-to-image and image editing, Lite only) are a wider DiT (model_dim 2560, 50 visual blocks)
+trained at the 1024 class; their defaults are diffusers' ``Kandinsky5T2IPipeline`` / ``Kandinsky5I2IPipeline``
+``__call__`` defaults (50 steps, guidance 3.5, 1024x1024, an empty negative prompt) and, for a folder without a
+scheduler config, the original's image shift 3.0.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from kandinsky5.pipelines.registry import I2V_PIPELINE, T2V_PIPELINE
+from kandinsky5.pipelines.registry import I2I_PIPELINE, I2V_PIPELINE, T2I_PIPELINE, T2V_PIPELINE
 from kandinsky5.resolutions import RESOLUTION_512, RESOLUTION_1024, ResolutionClass, Size, warn_if_untrained
 
 logger = logging.getLogger(__name__)
@@ -31,6 +36,17 @@ logger = logging.getLogger(__name__)
 class Task(StrEnum):
     TEXT_TO_VIDEO = "t2v"
     IMAGE_TO_VIDEO = "i2v"
+    TEXT_TO_IMAGE = "t2i"
+    IMAGE_TO_IMAGE = "i2i"  # image editing
+
+    @property
+    def makes_images(self) -> bool:
+        return self in IMAGE_TASKS
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether a generation needs an input image (image-to-video, editing)."""
+        return self in (Task.IMAGE_TO_VIDEO, Task.IMAGE_TO_IMAGE)
 
 
 class ModelSize(StrEnum):
@@ -52,6 +68,16 @@ class Training(StrEnum):
     DISTILLED = "distilled16steps"  # diffusion-distilled to 16 steps (and no guidance)
 
 
+IMAGE_TASKS = frozenset({Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE})
+
+# the reference's negative prompt for video (diffusers' Kandinsky5T2VPipeline default)
+VIDEO_NEGATIVE_PROMPT = (
+    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
+    "walking backwards"
+)
+VIDEO_MAX_SEQUENCE_LENGTH = 512
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     """What a pipeline call uses for an argument left as ``None``."""
@@ -61,12 +87,31 @@ class GenerationDefaults:
     height: int
     width: int
     num_frames: int
+    negative_prompt: str = VIDEO_NEGATIVE_PROMPT
+    max_sequence_length: int = VIDEO_MAX_SEQUENCE_LENGTH
 
 
 # diffusers' Kandinsky5T2VPipeline.__call__ defaults: used when the checkpoint is no known variant.
 REFERENCE_DEFAULTS = GenerationDefaults(
     num_inference_steps=50, guidance_scale=5.0, height=512, width=768, num_frames=121
 )
+# diffusers' Kandinsky5T2IPipeline / Kandinsky5I2IPipeline defaults (the editing model's Qwen input holds the
+# source image's tokens too, hence its longer sequence).
+IMAGE_GUIDANCE = 3.5
+IMAGE_SIZE = 1024
+IMAGE_MAX_SEQUENCE_LENGTH = {Task.TEXT_TO_IMAGE: 512, Task.IMAGE_TO_IMAGE: 1024}
+REFERENCE_IMAGE_DEFAULTS = {
+    task: GenerationDefaults(
+        num_inference_steps=50,
+        guidance_scale=IMAGE_GUIDANCE,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        num_frames=1,
+        negative_prompt="",
+        max_sequence_length=length,
+    )
+    for task, length in IMAGE_MAX_SEQUENCE_LENGTH.items()
+}
 DEFAULT_STEPS = 50
 DISTILLED_STEPS = 16
 DEFAULT_GUIDANCE = 5.0
@@ -74,11 +119,18 @@ NO_GUIDANCE = 1.0  # the pipeline skips the negative prompt's model call at guid
 FPS = 24
 FRAMES_BY_SECONDS = {5: 121, 10: 241}  # 4k+1 frames at 24 fps
 SCHEDULER_SHIFT_FALLBACK = 5.0
+IMAGE_SCHEDULER_SHIFT_FALLBACK = 3.0  # the original's image pipelines' scheduler_scale
 LITE_SIZE = Size(512, 768)
 PRO_SIZE = Size(768, 1280)  # the landscape 1024-class size with 768 rows
 # transformer config model_dim of each model size, to recognise a checkpoint folder by its configs
 MODEL_DIMS = {ModelSize.LITE: 1792, ModelSize.PRO: 4096}
-PIPELINE_CLASS_NAMES = {Task.TEXT_TO_VIDEO: T2V_PIPELINE, Task.IMAGE_TO_VIDEO: I2V_PIPELINE}
+IMAGE_MODEL_DIM = 2560  # the image models' DiT (Lite)
+PIPELINE_CLASS_NAMES = {
+    Task.TEXT_TO_VIDEO: T2V_PIPELINE,
+    Task.IMAGE_TO_VIDEO: I2V_PIPELINE,
+    Task.TEXT_TO_IMAGE: T2I_PIPELINE,
+    Task.IMAGE_TO_IMAGE: I2I_PIPELINE,
+}
 
 HUB_OWNER = "kandinskylab"
 # The organisation that first published the same repositories (the hub redirects its ids).
@@ -104,9 +156,14 @@ class Variant:
     resolution_class: ResolutionClass
     trained_classes: tuple[ResolutionClass, ...]
     attention: AttentionType
+    model_dim: int
     fps: int = FPS
     scheduler_shift: float = SCHEDULER_SHIFT_FALLBACK
     aliases: tuple[str, ...] = ()
+
+    @property
+    def makes_images(self) -> bool:
+        return self.task.makes_images
 
     @property
     def repo_name(self) -> str:
@@ -161,12 +218,35 @@ def _variant(repo_name: str, model_size: ModelSize, task: Task, training: Traini
         trained_classes=(RESOLUTION_512,) if lite else (RESOLUTION_512, RESOLUTION_1024),
         # 10 s checkpoints and every Pro checkpoint were trained with NABLA (their transformer configs say so)
         attention=AttentionType.NABLA if seconds == 10 or not lite else AttentionType.DENSE,
+        model_dim=MODEL_DIMS[model_size],
+        aliases=tuple(sorted(aliases - {short_name})),
+    )
+
+
+def _image_variant(repo_name: str, task: Task, training: Training) -> Variant:
+    """An image model of the registry (Lite, dense attention, the 1024 class)."""
+    kind = "t2i" if task is Task.TEXT_TO_IMAGE else "edit"
+    short_name = f"lite-{kind}-{training}"
+    aliases = {f"lite-{task}-{training}"}
+    return Variant(
+        repo_id=f"{HUB_OWNER}/{repo_name}",
+        short_name=short_name,
+        task=task,
+        model_size=ModelSize.LITE,
+        training=training,
+        duration_s=0,
+        defaults=REFERENCE_IMAGE_DEFAULTS[task],
+        resolution_class=RESOLUTION_1024,
+        trained_classes=(RESOLUTION_1024,),
+        attention=AttentionType.DENSE,
+        model_dim=IMAGE_MODEL_DIM,
+        scheduler_shift=IMAGE_SCHEDULER_SHIFT_FALLBACK,
         aliases=tuple(sorted(aliases - {short_name})),
     )
 
 
 LITE, PRO = ModelSize.LITE, ModelSize.PRO
-T2V, I2V = Task.TEXT_TO_VIDEO, Task.IMAGE_TO_VIDEO
+T2V, I2V, T2I, I2I = Task.TEXT_TO_VIDEO, Task.IMAGE_TO_VIDEO, Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE
 VARIANTS: tuple[Variant, ...] = (
     _variant("Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers", LITE, T2V, Training.SFT, 5),
     _variant("Kandinsky-5.0-T2V-Lite-sft-10s-Diffusers", LITE, T2V, Training.SFT, 10),
@@ -180,6 +260,10 @@ VARIANTS: tuple[Variant, ...] = (
     _variant("Kandinsky-5.0-T2V-Pro-sft-10s-Diffusers", PRO, T2V, Training.SFT, 10),
     _variant("Kandinsky-5.0-I2V-Lite-5s-Diffusers", LITE, I2V, Training.SFT, 5),
     _variant("Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers", PRO, I2V, Training.SFT, 5),
+    _image_variant("Kandinsky-5.0-T2I-Lite-sft-Diffusers", T2I, Training.SFT),
+    _image_variant("Kandinsky-5.0-T2I-Lite-pretrain-Diffusers", T2I, Training.PRETRAIN),
+    _image_variant("Kandinsky-5.0-I2I-Lite-sft-Diffusers", I2I, Training.SFT),
+    _image_variant("Kandinsky-5.0-I2I-Lite-pretrain-Diffusers", I2I, Training.PRETRAIN),
 )
 
 _BY_NAME: dict[str, Variant] = {name: v for v in VARIANTS for name in v.names}
@@ -188,9 +272,11 @@ if len(_BY_NAME) != sum(len(set(v.names)) for v in VARIANTS):
     raise RuntimeError("two variants share a name")  # a registry edit gone wrong; fail on import
 
 
-def generation_defaults(variant: Variant | None) -> GenerationDefaults:
-    """The variant's defaults, or the reference's for an unknown checkpoint."""
-    return REFERENCE_DEFAULTS if variant is None else variant.defaults
+def generation_defaults(variant: Variant | None, task: Task = Task.TEXT_TO_VIDEO) -> GenerationDefaults:
+    """The variant's defaults, or the reference's for an unknown checkpoint of ``task``."""
+    if variant is not None:
+        return variant.defaults
+    return REFERENCE_IMAGE_DEFAULTS.get(task, REFERENCE_DEFAULTS)
 
 
 def get_variant(name: str) -> Variant:
@@ -293,7 +379,7 @@ class CheckpointFacts:
     def fits(self, variant: Variant) -> bool:
         return (
             self.pipeline_class_name == variant.pipeline_class_name
-            and self.model_dim == MODEL_DIMS[variant.model_size]
+            and self.model_dim == variant.model_dim
             and self.attention == variant.attention
         )
 

@@ -235,6 +235,6 @@ def test_image_to_video_class_refuses_text_to_video_checkpoint(reference_checkpo
 
 
 def test_auto_pipeline_names_unsupported_class(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "Kandinsky5T2IPipeline"}')
-    with pytest.raises(CheckpointError, match="Kandinsky5T2IPipeline"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "Kandinsky5V2VPipeline"}')
+    with pytest.raises(CheckpointError, match="Kandinsky5V2VPipeline"):
         Kandinsky5Pipeline.from_pretrained(tmp_path)

@@ -7,7 +7,7 @@ import torch
 from kandinsky5.cli.main import main
 from kandinsky5.pipelines import base
 from kandinsky5.pipelines.request import GenerationRequest, ModelFacts, RequestError
-from kandinsky5.variants import REFERENCE_DEFAULTS, get_variant
+from kandinsky5.variants import REFERENCE_DEFAULTS, Task, get_variant
 
 GOOD = dict(prompt="a cat", height=32, width=48, num_frames=5, num_inference_steps=2, output_type="latent")
 GOOD_FLAGS = ["--height", "32", "--width", "48", "--frames", "5", "--steps", "2", "--no-progress"]
@@ -70,7 +70,7 @@ def test_build_checks_the_model_facts():
         GenerationRequest.build(nabla, prompt="a", height=512, width=720)
     assert raised.value.parameter == "width"
     with pytest.raises(RequestError, match="image"):
-        GenerationRequest.build(ModelFacts(image_to_video=True), prompt="a")
+        GenerationRequest.build(ModelFacts(task=Task.IMAGE_TO_VIDEO), prompt="a")
     with pytest.raises(TypeError, match="image"):
         GenerationRequest.build(ModelFacts(), prompt="a", image=torch.zeros(3, 32, 32))
     with pytest.raises(TypeError, match="unexpected"):

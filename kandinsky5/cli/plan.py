@@ -180,7 +180,7 @@ def cmd_plan(args) -> int:
         args.frames = frames_for_seconds(args.seconds, fps)
     _, nabla = _task_and_attention(args.variant, checkpoint)
     # the plan is the text-to-video one: an image-to-video model's image encode (one frame) is far below its peaks
-    request = build_request(args, ModelFacts(variant=args.variant, nabla=nabla, image_to_video=False), None)
+    request = build_request(args, ModelFacts(variant=args.variant, nabla=nabla), None)
     configs = pipeline_configs(args.model, args.variant, checkpoint)
     dtype = getattr(torch, PLAN_DEFAULT_DTYPE if args.dtype == "auto" else args.dtype)
     try:

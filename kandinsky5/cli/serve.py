@@ -285,7 +285,7 @@ def resolve_served_model(args) -> dict:
     _check_runtime_options(args, device)
     check_quantize_options(args, device, dtype)
     image_to_video = task is Task.IMAGE_TO_VIDEO
-    facts = ModelFacts(variant=args.variant, nabla=nabla, image_to_video=image_to_video)
+    facts = ModelFacts(variant=args.variant, nabla=nabla, task=task)
     image = PIL.Image.new("RGB", (64, 64)) if image_to_video else None
     try:
         request = GenerationRequest.build(facts, prompt=PLACEHOLDER_PROMPT, image=image, output_type="np")

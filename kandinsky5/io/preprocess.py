@@ -88,6 +88,36 @@ def count_images(image: ImageInput) -> int:
     return sum(_check_array(item) for item in items)
 
 
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """``(height, width)`` of the first image of ``image`` (validated)."""
+    count_images(image)
+    first = _items(image)[0]
+    if isinstance(first, PIL.Image.Image):
+        return first.height, first.width
+    if isinstance(first, np.ndarray):
+        return int(first.shape[-3]), int(first.shape[-2])
+    return int(first.shape[-2]), int(first.shape[-1])
+
+
+def to_pil_images(image: ImageInput) -> list[PIL.Image.Image]:
+    """Every image of ``image`` as an RGB PIL image (arrays and tensors through uint8, as PIL holds pixels)."""
+    items = _items(image)
+    if isinstance(items[0], PIL.Image.Image):
+        return [item if item.mode == "RGB" else item.convert("RGB") for item in items]
+    images = []
+    for item in items:
+        batch = _array_to_tensor(item, *_array_hw(item)).float()  # in [0, 1], or [-1, 1]
+        if batch.min() < 0:
+            batch = batch * 0.5 + 0.5
+        pixels = (batch.clamp(0, 1) * UINT8_SCALE).round().to(torch.uint8)
+        images += [PIL.Image.fromarray(one.permute(1, 2, 0).cpu().numpy()) for one in pixels]
+    return images
+
+
+def _array_hw(item: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    return (int(item.shape[-3]), int(item.shape[-2])) if isinstance(item, np.ndarray) else tuple(item.shape[-2:])
+
+
 def _pil_to_tensor(item: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
     # the reference does not convert modes (RGBA or grayscale images fail in its VAE); we convert to RGB first
     item = item if item.mode == "RGB" else item.convert("RGB")

@@ -90,6 +90,8 @@ class ModelBase(nn.Module):
     """
 
     config_class: ClassVar[type[ComponentConfig]]
+    # the class name a checkpoint's config.json gives (diffusers'), when it is not this class's own
+    checkpoint_class_name: ClassVar[str | None] = None
     _keep_in_fp32_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ComponentConfig):
@@ -194,7 +196,7 @@ class ModelBase(nn.Module):
         from kandinsky5.io.atomic import atomic_folder
 
         folder = Path(folder)
-        config = {"_class_name": type(self).__name__, **self.config.to_dict()}
+        config = {"_class_name": self.checkpoint_class_name or type(self).__name__, **self.config.to_dict()}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         with atomic_folder(folder) as temporary:
             (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -229,6 +229,7 @@ class AutoencoderKL2D(ModelBase):
     """
 
     config_class = AutoencoderKL2DConfig
+    checkpoint_class_name = "AutoencoderKL"
 
     def __init__(self, config: AutoencoderKL2DConfig):
         super().__init__(config)

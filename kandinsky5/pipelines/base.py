@@ -57,7 +57,7 @@ from kandinsky5.sampling.control import Phase, RunControl
 from kandinsky5.sampling.guidance import NO_GUIDANCE_SCALE, Guidance, TextConditioning, make_guidance
 from kandinsky5.sampling.loop import denoise
 from kandinsky5.sampling.preview import LatentPreviewer
-from kandinsky5.variants import Variant, variant_for_checkpoint
+from kandinsky5.variants import Task, Variant, variant_for_checkpoint
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,22 @@ _RUNNING_CALL: ContextVar[RunningCall | None] = ContextVar("kandinsky5_running_c
 
 
 class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
-    """Shared machinery of the Kandinsky 5 video pipelines (Diffusers-compatible API)."""
+    """Shared machinery of the Kandinsky 5 pipelines, video and image (Diffusers-compatible API)."""
 
     # model_index.json class names this pipeline loads
     checkpoint_classes: ClassVar[tuple[str, ...]] = ()
+    task: ClassVar[Task] = Task.TEXT_TO_VIDEO
+    # what a call returns, and how decoded pixels become it
+    output_class: ClassVar[type] = KandinskyPipelineOutput
+    # the editing model's Qwen2.5-VL also sees the source image (its vision tower runs)
+    text_encoder_sees_images: ClassVar[bool] = False
     # leading latent frames given as condition: the sampler never steps them (image-to-video: the image's frame)
     num_frozen_latent_frames: ClassVar[int] = 0
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     _callback_tensor_inputs: ClassVar[list[str]] = list(CALLBACK_TENSOR_INPUTS)
     prompt_template = te.VIDEO_PROMPT_TEMPLATE
+    # tokens cropped from Qwen's output beyond the template's prefix (the reference's choice per template)
+    prompt_crop_past_prefix: ClassVar[int] = 0
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler):
         self.transformer = transformer
@@ -92,10 +99,11 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
-        self.vae_scale_factor_temporal = vae.config.temporal_compression_ratio if vae is not None else 4
-        self.vae_scale_factor_spatial = vae.config.spatial_compression_ratio if vae is not None else 8
+        self.vae_scale_factor_spatial, self.vae_scale_factor_temporal = vae_compression(vae)
         self.prompt_template_encode_start_idx = (
-            te.template_prefix_length(tokenizer, self.prompt_template) if tokenizer is not None else None
+            te.template_prefix_length(tokenizer, self.prompt_template) + self.prompt_crop_past_prefix
+            if tokenizer is not None
+            else None
         )
         self._progress_bar_config: dict[str, Any] = {}
         # Classifier-free guidance: condition and negative in one transformer call (True) or two (the reference).
@@ -133,7 +141,7 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
         root = resolve_checkpoint(pretrained_model_name_or_path, revision, cache_dir, local_files_only, token)
         check_checkpoint_class(root, cls)
         variant = variant_for_checkpoint(pretrained_model_name_or_path, root)
-        pipe = cls(**load_components(root, variant, torch_dtype, kwargs))
+        pipe = cls(**load_components(root, variant, torch_dtype, kwargs, cls.text_encoder_sees_images))
         pipe.model_variant = variant
         return pipe
 
@@ -228,7 +236,8 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
         from kandinsky5.runtime.block_offload import BlockOffload, check_stream_settings
 
         check_stream_settings(blocks_on_gpu, prefetch)
-        self._enable_offload(BlockOffload, gpu_id, device, blocks_on_gpu=blocks_on_gpu, prefetch=prefetch)
+        options = {"blocks_on_gpu": blocks_on_gpu, "prefetch": prefetch, "vision_input": self.text_encoder_sees_images}
+        self._enable_offload(BlockOffload, gpu_id, device, **options)
 
     def _enable_offload(self, plan_class: type[OffloadPlan], gpu_id, device, **options) -> None:
         previous = self._offload_plan.device if self._offload_plan is not None else None
@@ -393,7 +402,9 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
 
     # ------------------------------------------------------------------ prompts
 
-    def _encode_prompt_qwen(self, prompt: list[str], device=None, max_sequence_length: int = 256, dtype=None):
+    def _encode_prompt_qwen(
+        self, prompt: list[str], device=None, max_sequence_length: int = 256, dtype=None, images=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = device or self._execution_device
         dtype = dtype or self.text_encoder.dtype
         return te.encode_qwen(
@@ -404,6 +415,8 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
             max_sequence_length,
             device,
             dtype,
+            template=self.prompt_template,
+            images=images,
         )
 
     def _encode_prompt_clip(self, prompt: list[str], device=None, dtype=None):
@@ -422,13 +435,22 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Qwen embeddings ``(batch*n, seq, dim)``, CLIP pooled ``(batch*n, dim)`` and ``cu_seqlens``
         ``(batch*n + 1,)``, each prompt repeated ``n = num_videos_per_prompt`` times in a row."""
+        return self._embed_prompts(prompt, num_videos_per_prompt, max_sequence_length, device, dtype)
+
+    def _embed_prompts(self, prompt, num_per_prompt: int, max_sequence_length: int, device, dtype, images=None):
+        """What :meth:`encode_prompt` returns; ``images`` (:class:`~kandinsky5.models.text_encoders.QwenImages`,
+        one per prompt) for a text encoder that sees the source image."""
         device = device or self._execution_device
         dtype = dtype or self.text_encoder.dtype
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [te.prompt_clean(p) for p in prompts]
-        embeds_qwen, cu_seqlens = self._encode_prompt_qwen(prompts, device, max_sequence_length, dtype)
+        embeds_qwen, cu_seqlens = self._encode_prompt_qwen(prompts, device, max_sequence_length, dtype, images)
         embeds_clip = self._encode_prompt_clip(prompts, device, dtype)
-        return repeat_embeddings(embeds_qwen, embeds_clip, cu_seqlens, num_videos_per_prompt)
+        return repeat_embeddings(embeds_qwen, embeds_clip, cu_seqlens, num_per_prompt)
+
+    def qwen_images(self, request: GenerationRequest):
+        """The source images the text encoder sees with the prompts (none here; see the editing pipeline)."""
+        return None
 
     # ------------------------------------------------------------------ validation
 
@@ -453,6 +475,13 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
         device: torch.device | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See :meth:`_prepare_latents` (diffusers' video signature)."""
+        args = (batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator, latents)
+        return self._prepare_latents(*args)
+
+    def _prepare_latents(
+        self, batch_size, num_channels_latents, height, width, num_frames, dtype, device, generator, latents
     ) -> torch.Tensor:
         """Initial latents ``(batch, T, H, W, C')`` channels-last: noise, then for ``visual_cond`` models zero
         condition channels and a zero mask channel. Given ``latents`` with only the noise channels get the
@@ -599,8 +628,13 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
         device = self._execution_device
         given = request.embeddings(branch)
         if given is None:
-            embeds = self.encode_prompt(
-                prompts, request.num_videos_per_prompt, request.max_sequence_length, device, self.transformer.dtype
+            embeds = self._embed_prompts(
+                prompts,
+                request.num_videos_per_prompt,
+                request.max_sequence_length,
+                device,
+                self.transformer.dtype,
+                self.qwen_images(request),
             )
         else:
             embeds = repeat_embeddings(*given, request.num_videos // given[0].shape[0])
@@ -609,7 +643,7 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
 
     def initial_latents(self, request: GenerationRequest, control: RunControl) -> torch.Tensor:
         """Noise (or the caller's latents) with the conditioning channels filled."""
-        latents = self.prepare_latents(
+        latents = self._prepare_latents(
             request.num_videos,
             self.transformer.config.in_visual_dim,
             request.height,
@@ -685,13 +719,29 @@ class Kandinsky5PipelineBase(LoraMixin, PromptExpansionMixin):
         return make_guidance(denoiser, condition, negative, scale, num_steps, self.batched_guidance, mesh)
 
     def output(self, request: GenerationRequest, latents: torch.Tensor, control: RunControl):
-        """The requested output: the latents, or the decoded video as ``output_type``."""
+        """The requested output: the latents, or the decoded videos (images) as ``output_type``."""
         if request.output_type == "latent":
-            video = latents
+            result = latents
         else:
             with control.phase(Phase.DECODE):
-                video = postprocess_video(self.decode_latents(latents), request.output_type)
-        return KandinskyPipelineOutput(frames=video) if request.return_dict else (video,)
+                result = self.postprocess(self.decode_latents(latents), request.output_type)
+        return self.output_class(result) if request.return_dict else (result,)
+
+    @staticmethod
+    def postprocess(decoded: torch.Tensor, output_type: str):
+        """Decoded pixels in [-1, 1] as ``output_type``."""
+        return postprocess_video(decoded, output_type)
+
+
+def vae_compression(vae) -> tuple[int, int]:
+    """``(spatial, temporal)`` compression of ``vae``: the video VAE's config says both; the image VAE compresses
+    space only (a one-frame "video"); without a VAE, the official models' 8 and 4."""
+    if vae is None:
+        return 8, 4
+    config = vae.config
+    if hasattr(config, "temporal_compression_ratio"):
+        return config.spatial_compression_ratio, config.temporal_compression_ratio
+    return vae.spatial_compression_ratio, 1
 
 
 def broadcast_text(mesh: ParallelMesh, text, device) -> tuple[TextConditioning, TextConditioning | None]:

@@ -9,6 +9,7 @@ from kandinsky5.pipelines.base import Kandinsky5PipelineBase
 from kandinsky5.pipelines.registry import I2V_PIPELINE
 from kandinsky5.pipelines.request import GenerationRequest
 from kandinsky5.sampling.control import Phase, RunControl
+from kandinsky5.variants import Task
 
 # After sampling, the reference re-normalises this many leading latent frames (its fix for mesh artifacts)...
 NORMALIZED_LEADING_FRAMES = 4
@@ -27,6 +28,7 @@ class Kandinsky5I2VPipeline(Kandinsky5PipelineBase):
     """
 
     checkpoint_classes = (I2V_PIPELINE,)
+    task = Task.IMAGE_TO_VIDEO
     # the image's latent frame: the sampler leaves it as encoded
     num_frozen_latent_frames = 1
 

@@ -37,12 +37,34 @@ def check_load_arguments(given: dict[str, Any], torch_dtype) -> None:
         raise ValueError(f"`torch_dtype` must be None or one of {allowed}, got {torch_dtype!r}")
 
 
+# the VAE classes by the name a checkpoint's vae/config.json gives (diffusers' classes)
+VAE_CLASSES = {
+    "AutoencoderKLHunyuanVideo": ("kandinsky5.models.vae", "AutoencoderKLHunyuanVideo"),  # the video models
+    "AutoencoderKL": ("kandinsky5.models.vae2d", "AutoencoderKL2D"),  # the image models (FLUX's VAE)
+}
+
+
+def vae_class(folder: Path) -> type:
+    """Our VAE class for the checkpoint's ``vae`` folder, by the ``_class_name`` of its config."""
+    import importlib
+
+    name = read_json(folder / CONFIG_FILE).get("_class_name", "AutoencoderKLHunyuanVideo")
+    if name not in VAE_CLASSES:
+        raise CheckpointError(f"{folder / CONFIG_FILE} names a {name!r} VAE; known: {', '.join(VAE_CLASSES)}")
+    module, class_name = VAE_CLASSES[name]
+    return getattr(importlib.import_module(module), class_name)
+
+
 def load_components(
-    root: Path, variant: Variant | None, torch_dtype: torch.dtype | None, given: dict[str, Any]
+    root: Path,
+    variant: Variant | None,
+    torch_dtype: torch.dtype | None,
+    given: dict[str, Any],
+    image_processor: bool = False,
 ) -> dict[str, Any]:
-    """Every component of the checkpoint at ``root`` that ``given`` does not already hold."""
+    """Every component of the checkpoint at ``root`` that ``given`` does not already hold (and, with
+    ``image_processor``, the Qwen image processor that shows the editing model's source image to the encoder)."""
     from kandinsky5.models.dit import Kandinsky5Transformer3DModel
-    from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
 
     parts = dict(given)
     if "scheduler" not in parts:
@@ -51,7 +73,8 @@ def load_components(
         folder = component_folder(root, "transformer")
         parts["transformer"] = load_component(Kandinsky5Transformer3DModel, folder, torch_dtype)
     if "vae" not in parts:
-        parts["vae"] = load_component(AutoencoderKLHunyuanVideo, component_folder(root, "vae"), torch_dtype)
+        folder = component_folder(root, "vae")
+        parts["vae"] = load_component(vae_class(folder), folder, torch_dtype)
     for name in TEXT_PARTS:
         folder = component_folder(root, name)
         if name.startswith("text_encoder") and not (folder / CONFIG_FILE).is_file():
@@ -64,6 +87,11 @@ def load_components(
         text_encoder, text_encoder_2 = te.load_text_encoders(root, torch_dtype)
         parts.setdefault("text_encoder", text_encoder)
         parts.setdefault("text_encoder_2", text_encoder_2)
+    if image_processor and not hasattr(parts["tokenizer"], "image_processor"):
+        config = root / "tokenizer" / te.IMAGE_PROCESSOR_CONFIG
+        if not config.is_file():
+            raise CheckpointError(f"Missing file {config} (the Qwen2.5-VL image processor of the editing model)")
+        parts["image_processor"] = te.load_image_processor(root)
     return parts
 
 

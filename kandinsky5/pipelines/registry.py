@@ -11,11 +11,15 @@ from pathlib import Path
 
 T2V_PIPELINE = "Kandinsky5T2VPipeline"
 I2V_PIPELINE = "Kandinsky5I2VPipeline"
+T2I_PIPELINE = "Kandinsky5T2IPipeline"
+I2I_PIPELINE = "Kandinsky5I2IPipeline"
 AUTO_PIPELINE = "Kandinsky5Pipeline"
 # the classes a checkpoint can name -> the module of ours of that name
 CHECKPOINT_PIPELINES = {
     T2V_PIPELINE: "kandinsky5.pipelines.t2v",
     I2V_PIPELINE: "kandinsky5.pipelines.i2v",
+    T2I_PIPELINE: "kandinsky5.pipelines.t2i",
+    I2I_PIPELINE: "kandinsky5.pipelines.i2i",
 }
 PIPELINE_MODULES = {**CHECKPOINT_PIPELINES, AUTO_PIPELINE: "kandinsky5.pipelines.auto"}
 # the pipeline constructor's components, in diffusers' order

@@ -20,20 +20,24 @@ from typing import Any
 
 import torch
 
-from kandinsky5.io.preprocess import count_images
+from kandinsky5.io.preprocess import count_images, image_size
 from kandinsky5.models.text_encoders import MAX_SEQUENCE_LENGTH_LIMIT as LIMIT
 from kandinsky5.pipelines.output import OUTPUT_TYPES
-from kandinsky5.resolutions import SIZE_MULTIPLE, SizeError, check_size
+from kandinsky5.resolutions import SIZE_MULTIPLE, SizeError, check_size, snap_image_size
 from kandinsky5.sampling.guidance import NO_GUIDANCE_SCALE
-from kandinsky5.variants import Variant, generation_defaults
+from kandinsky5.variants import (
+    VIDEO_MAX_SEQUENCE_LENGTH,
+    VIDEO_NEGATIVE_PROMPT,
+    GenerationDefaults,
+    Task,
+    Variant,
+    generation_defaults,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NEGATIVE_PROMPT = (
-    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
-    "walking backwards"
-)
-DEFAULT_MAX_SEQUENCE_LENGTH = 512
+DEFAULT_NEGATIVE_PROMPT = VIDEO_NEGATIVE_PROMPT
+DEFAULT_MAX_SEQUENCE_LENGTH = VIDEO_MAX_SEQUENCE_LENGTH
 DEFAULT_OUTPUT_TYPE = "pil"
 # The tensors a ``callback_on_step_end`` may read and replace (diffusers' names).
 CALLBACK_TENSOR_INPUTS = (
@@ -71,7 +75,7 @@ class ModelFacts:
 
     variant: Variant | None = None
     nabla: bool = False
-    image_to_video: bool = False
+    task: Task = Task.TEXT_TO_VIDEO
     spatial_compression: int = 8
     temporal_compression: int = 4
     spatial_patch: int = 2
@@ -88,7 +92,7 @@ class ModelFacts:
         return cls(
             variant=pipe.model_variant,
             nabla=config.uses_nabla,
-            image_to_video=pipe.num_frozen_latent_frames > 0,
+            task=pipe.task,
             spatial_compression=pipe.vae_scale_factor_spatial,
             temporal_compression=pipe.vae_scale_factor_temporal,
             spatial_patch=config.patch_size[1],
@@ -97,6 +101,28 @@ class ModelFacts:
             text_dim=config.in_text_dim,
             pooled_text_dim=config.in_text_dim2,
         )
+
+    @property
+    def image_to_video(self) -> bool:
+        return self.task is Task.IMAGE_TO_VIDEO
+
+    @property
+    def makes_images(self) -> bool:
+        return self.task.makes_images
+
+    @property
+    def defaults(self) -> GenerationDefaults:
+        """The values of arguments left as ``None``: the variant's, else the reference's for the task."""
+        return generation_defaults(self.variant, self.task)
+
+    @property
+    def per_prompt_parameter(self) -> str:
+        """The name of the outputs-per-prompt argument (diffusers': per video or per image)."""
+        return "num_images_per_prompt" if self.makes_images else "num_videos_per_prompt"
+
+    @property
+    def output_noun(self) -> str:
+        return "image" if self.makes_images else "video"
 
     @property
     def size_multiple(self) -> int:
@@ -128,32 +154,53 @@ class GenerationRequest:
     return_dict: bool = True
     callback_on_step_end: Any = None
     callback_on_step_end_tensor_inputs: list[str] | None = None
-    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    max_sequence_length: int | None = None
     # rewrite the prompt into a detailed caption with the pipeline's own Qwen2.5-VL before encoding it
     expand_prompt: bool = False
-    image: Any = None  # image-to-video: the first frame(s)
+    image: Any = None  # image-to-video: the first frame(s); image editing: the source image(s)
 
     # ------------------------------------------------------------------ building
 
     @classmethod
     def build(cls, facts: ModelFacts, **arguments) -> GenerationRequest:
-        """Defaults filled, ``num_frames`` rounded to ``4k + 1`` (with a warning), validated."""
+        """Defaults filled, ``num_frames`` rounded to ``4k + 1`` (with a warning), an image model's size snapped to
+        its resolutions (with a warning, as diffusers), validated."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(arguments) - known)
         if unknown:
             raise TypeError(f"got unexpected keyword arguments {unknown}")
-        request = cls(**arguments).with_defaults(facts.variant).with_python_numbers()
-        check_arguments(request)
+        request = cls(**arguments).with_size_of_image(facts).with_defaults(facts).with_python_numbers()
+        if facts.makes_images:
+            request = request.with_snapped_size()
+        check_arguments(request, facts)
         request = request.with_rounded_frames(facts.temporal_compression)
         request.check(facts)
         return request
 
-    def with_defaults(self, variant: Variant | None) -> GenerationRequest:
+    def with_size_of_image(self, facts: ModelFacts) -> GenerationRequest:
+        """Image editing with neither ``height`` nor ``width``: the source image's size (diffusers' rule)."""
+        if facts.task is not Task.IMAGE_TO_IMAGE or self.height is not None or self.width is not None:
+            return self
+        try:
+            height, width = image_size(self.image)
+        except ValueError as err:
+            raise RequestError("image", str(err)) from err
+        return dataclasses.replace(self, height=height, width=width)
+
+    def with_defaults(self, facts: ModelFacts) -> GenerationRequest:
         """Arguments left as ``None`` take the variant's recommended values (else the reference's)."""
-        defaults = generation_defaults(variant)
+        defaults = facts.defaults
         filled = {
             name: getattr(defaults, name)
-            for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+            for name in (
+                "height",
+                "width",
+                "num_frames",
+                "num_inference_steps",
+                "guidance_scale",
+                "negative_prompt",
+                "max_sequence_length",
+            )
             if getattr(self, name) is None
         }
         tensor_inputs = self.callback_on_step_end_tensor_inputs
@@ -165,11 +212,26 @@ class GenerationRequest:
             prompt=[self.prompt] if isinstance(self.prompt, str) else self.prompt,
             num_videos_per_prompt=1 if self.num_videos_per_prompt is None else self.num_videos_per_prompt,
             output_type=self.output_type or DEFAULT_OUTPUT_TYPE,
-            max_sequence_length=(
-                DEFAULT_MAX_SEQUENCE_LENGTH if self.max_sequence_length is None else self.max_sequence_length
-            ),
             callback_on_step_end_tensor_inputs=list(tensor_inputs or DEFAULT_CALLBACK_TENSOR_INPUTS),
         )
+
+    def with_snapped_size(self) -> GenerationRequest:
+        """An image model's size: one of its resolutions, the nearest in aspect ratio when not (with diffusers'
+        warning). Sizes that are no positive integers are left for the checks to name."""
+        sizes = (self.height, self.width)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            return self
+        height, width = snap_image_size(self.height, self.width)
+        if (height, width) != sizes:
+            logger.warning(
+                "height x width %dx%d is not one of the image model's resolutions; using %dx%d, the nearest in "
+                "aspect ratio (as diffusers does).",
+                self.height,
+                self.width,
+                height,
+                width,
+            )
+        return dataclasses.replace(self, height=height, width=width)
 
     def with_python_numbers(self) -> GenerationRequest:
         """Integral values of the integer parameters (``numpy.int64``, say) as ``int``, a real guidance scale as
@@ -186,7 +248,7 @@ class GenerationRequest:
 
     def with_rounded_frames(self, temporal_compression: int) -> GenerationRequest:
         """``num_frames - 1`` made a multiple of the VAE's temporal compression, as the reference rounds it."""
-        if self.num_frames % temporal_compression == 1:
+        if temporal_compression == 1 or self.num_frames % temporal_compression == 1:
             return self
         rounded = max(self.num_frames // temporal_compression * temporal_compression + 1, 1)
         logger.warning(
@@ -213,7 +275,7 @@ class GenerationRequest:
         return self.guidance_scale > NO_GUIDANCE_SCALE
 
     def negative_prompts(self) -> list[str]:
-        """The negative prompt per prompt (the reference's default when none was given)."""
+        """The negative prompt per prompt (the model's default when none was given)."""
         negative = DEFAULT_NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
         return [negative] * self.batch_size if isinstance(negative, str) else list(negative)
 
@@ -252,7 +314,7 @@ class GenerationRequest:
         if facts.variant is not None:
             facts.variant.warn_if_untrained(self.height, self.width)
         check_embeddings(self, facts)
-        check_batch(self)
+        check_batch(self, facts)
         check_latents(self, facts)
         check_image(self, facts)
 
@@ -265,8 +327,8 @@ def noise_latent_shape(
     return (videos, (num_frames - 1) // temporal + 1, int(height) // spatial, int(width) // spatial, channels)
 
 
-def check_arguments(request: GenerationRequest) -> None:
-    """The checks that need no model: the reference's ``check_inputs`` and ours on types and ranges."""
+def check_arguments(request: GenerationRequest, facts: ModelFacts) -> None:
+    """The reference's ``check_inputs`` and ours on types and ranges (the model only names things)."""
     check_reference_inputs(
         request.prompt,
         request.negative_prompt,
@@ -279,7 +341,7 @@ def check_arguments(request: GenerationRequest) -> None:
     positive = (
         ("num_frames", request.num_frames, " (4k+1, e.g. 121)"),
         ("num_inference_steps", request.num_inference_steps, ""),
-        ("num_videos_per_prompt", request.num_videos_per_prompt, ""),
+        (facts.per_prompt_parameter, request.num_videos_per_prompt, ""),
     )
     for name, value, hint in positive:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -290,9 +352,11 @@ def check_arguments(request: GenerationRequest) -> None:
             f"`guidance_scale` must be a finite number (1 turns guidance off), got {request.guidance_scale!r}",
         )
     if request.prompt is not None and not all(p.strip() for p in request.prompt):
-        raise RequestError("prompt", "`prompt` must not be empty: describe the video")
+        raise RequestError("prompt", f"`prompt` must not be empty: describe the {facts.output_noun}")
     if not isinstance(request.expand_prompt, bool):
         raise RequestError("expand_prompt", f"`expand_prompt` must be True or False, got {request.expand_prompt!r}")
+    if request.expand_prompt and facts.makes_images:
+        raise RequestError("expand_prompt", "`expand_prompt` is for the video models (their expansion instructions)")
     if request.expand_prompt and request.prompt is None:
         raise RequestError("expand_prompt", "`expand_prompt` needs a text `prompt` (it cannot expand embeddings)")
     callback = request.callback_on_step_end
@@ -370,8 +434,8 @@ def check_reference_inputs(
             raise RequestError(name, f"`{name}` must be a list of strings")
 
 
-def check_batch(request: GenerationRequest) -> None:
-    """Negative prompts, precomputed embeddings and generators agree with the number of prompts and videos."""
+def check_batch(request: GenerationRequest, facts: ModelFacts) -> None:
+    """Negative prompts, precomputed embeddings and generators agree with the number of prompts and outputs."""
     batch = request.batch_size
     negative = request.negative_prompt
     if request.prompt is not None and isinstance(negative, list) and len(negative) != batch:
@@ -394,7 +458,8 @@ def check_batch(request: GenerationRequest) -> None:
         raise RequestError(
             "generator",
             f"`generator` is a list of {len(generator)} generators, but the effective batch size "
-            f"(prompts x num_videos_per_prompt) is {request.num_videos}; pass one generator or one per video.",
+            f"(prompts x {facts.per_prompt_parameter}) is {request.num_videos}; pass one generator or one per "
+            f"{facts.output_noun}.",
         )
 
 
@@ -440,10 +505,12 @@ def check_latents(request: GenerationRequest, facts: ModelFacts) -> None:
 
 
 def check_image(request: GenerationRequest, facts: ModelFacts) -> None:
-    """Image-to-video: a valid ``image``, one for all prompts or one per prompt; text-to-video takes none."""
-    if not facts.image_to_video:
+    """Image-to-video and editing: a valid ``image``, one for all prompts or one per prompt; the other models
+    take none."""
+    if not facts.task.takes_image:
         if request.image is not None:
-            raise TypeError("a text-to-video pipeline got an unexpected keyword argument 'image'")
+            kind = "text-to-image" if facts.makes_images else "text-to-video"
+            raise TypeError(f"a {kind} pipeline got an unexpected keyword argument 'image'")
         return
     try:
         num_images = count_images(request.image)

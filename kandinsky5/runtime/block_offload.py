@@ -44,8 +44,10 @@ from kandinsky5.runtime.offload import OFFLOAD_DEVICE, ModelCpuOffload
 
 logger = logging.getLogger(__name__)
 
-# The text encoder's parts that text encoding never runs: they stay on the host in block mode.
+# The text encoder's parts that text encoding never runs: they stay on the host in block mode (the vision tower
+# runs for the image-editing model, whose prompt includes the source image: then it is resident).
 TEXT_ENCODER_UNUSED = ("model.visual", "lm_head")
+TEXT_ENCODER_VISION = "model.visual"
 
 
 # ---------------------------------------------------------------------------------------------- tensors and leaves
@@ -313,17 +315,27 @@ def named_block_lists(component: nn.Module) -> list[nn.ModuleList]:
     return []
 
 
-def host_only_modules(component: nn.Module) -> list[nn.Module]:
-    """Parts of a streamed component that its pipeline use never runs, left on the host in block mode."""
+def host_only_modules(component: nn.Module, vision_input: bool = False) -> list[nn.Module]:
+    """Parts of a streamed component that its pipeline use never runs, left on the host in block mode
+    (``vision_input``: the text encoder's vision tower runs)."""
     if not named_block_lists(component) or not hasattr(component, "lm_head"):
         return []
-    return [component.get_submodule(path) for path in TEXT_ENCODER_UNUSED]
+    unused = [path for path in TEXT_ENCODER_UNUSED if not (vision_input and path == TEXT_ENCODER_VISION)]
+    return [component.get_submodule(path) for path in unused]
 
 
 class ComponentStream:
     """A component in block mode: rings for its blocks, the hooks that drive them, and its resident part."""
 
-    def __init__(self, component: nn.Module, device: torch.device, slots: int, prefetch: int, transfers: Transfers):
+    def __init__(
+        self,
+        component: nn.Module,
+        device: torch.device,
+        slots: int,
+        prefetch: int,
+        transfers: Transfers,
+        vision_input: bool = False,
+    ):
         self.component = component
         self.device = device
         pin = device.type == "cuda"
@@ -338,7 +350,7 @@ class ComponentStream:
                 for position, streamed_block in enumerate(group):
                     self._hook(streamed_block.block, ring, position)
             streamed.update(id(m) for block in block_list for m in block.modules())
-        for module in host_only_modules(component):
+        for module in host_only_modules(component, vision_input):
             streamed.update(id(m) for m in module.modules())
         self.resident = [m for m in component.modules() if id(m) not in streamed]
 
@@ -404,6 +416,7 @@ class BlockOffload(ModelCpuOffload):
         blocks_on_gpu: int = 1,
         prefetch: int = 1,
         transfers: Transfers | None = None,
+        vision_input: bool = False,
     ):
         check_stream_settings(blocks_on_gpu, prefetch)
         device = torch.device(device)
@@ -411,11 +424,12 @@ class BlockOffload(ModelCpuOffload):
         self.streams: dict[str, ComponentStream] = {}
         for name, component in components.items():
             if can_stream(component):
-                self.streams[name] = ComponentStream(component, device, blocks_on_gpu + prefetch, prefetch, transfers)
+                slots = blocks_on_gpu + prefetch
+                self.streams[name] = ComponentStream(component, device, slots, prefetch, transfers, vision_input)
             elif named_block_lists(component):
                 logger.info("%s holds layers that cannot stream block by block; it moves whole", name)
         super().__init__(components, device)
-        self.options = {"blocks_on_gpu": blocks_on_gpu, "prefetch": prefetch}
+        self.options = {"blocks_on_gpu": blocks_on_gpu, "prefetch": prefetch, "vision_input": vision_input}
         self._handles += [handle for stream in self.streams.values() for handle in stream.handles]
 
     def move_in(self, name: str) -> None:

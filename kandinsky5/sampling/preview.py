@@ -34,10 +34,13 @@ class LatentPreviewer:
         """Linearise ``vae``'s decoder (see the module doc); works on the VAE's device and dtype."""
         channels = vae.config.latent_channels
         device, dtype = vae.device, vae.dtype
-        probes = torch.zeros(channels + 1, channels, 1, PROBE_SIDE, PROBE_SIDE, device=device, dtype=dtype)
+        # the video VAE decodes (batch, C, T, H, W); the image models' 2D VAE (batch, C, H, W)
+        frames = (1,) if hasattr(vae.config, "temporal_compression_ratio") else ()
+        probes = torch.zeros(channels + 1, channels, *frames, PROBE_SIDE, PROBE_SIDE, device=device, dtype=dtype)
         for channel in range(channels):
             probes[channel + 1, channel] = PROBE_STEP
-        rgb = vae.decode(probes).sample.float().mean(dim=(2, 3, 4))  # (C + 1, 3) in [-1, 1]
+        decoded = vae.decode(probes).sample.float()
+        rgb = decoded.flatten(2).mean(dim=2)  # (C + 1, 3) in [-1, 1]
         # per unit of *scaled* latent (what the sampler holds): the decoder sees latent / scaling_factor
         weight = (rgb[1:] - rgb[:1]) / PROBE_STEP / vae.config.scaling_factor
         return cls(weight=weight.cpu(), bias=rgb[0].cpu())
