@@ -147,9 +147,21 @@ def preprocess_image(image: ImageInput, height: int, width: int) -> torch.Tensor
     count_images(image)
     items = _items(image)
     if isinstance(items[0], PIL.Image.Image):
+        # diffusers stacks the pixels as numpy (H, W, 3) arrays and transposes them: a channels-last batch, which
+        # the VAE's convolutions compute with other kernels (other rounding) than a contiguous one
         batch = torch.cat([_pil_to_tensor(item, height, width) for item in items])
+        batch = batch.contiguous(memory_format=torch.channels_last)
     else:
         batch = torch.cat([_array_to_tensor(item, height, width) for item in items])
     if batch.min() < 0:  # already in [-1, 1]
         return batch
     return 2.0 * batch - 1.0
+
+
+def repeat_images(pixels: torch.Tensor, times: int) -> torch.Tensor:
+    """Each image of a preprocessed batch ``times`` times in a row, in the batch's memory layout (see
+    :func:`preprocess_image`)."""
+    if times == 1:
+        return pixels
+    layout = torch.channels_last if pixels.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return pixels.repeat_interleave(times, dim=0).contiguous(memory_format=layout)

@@ -89,8 +89,9 @@ def load_tokenizers(root: Path):
     return tokenizer, tokenizer_2
 
 
-# Qwen2.5-VL's image processor configuration, beside the tokenizer in the Diffusers layout.
-IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+# Qwen2.5-VL's image processor configuration, beside the tokenizer in the Diffusers layout: its own file (as
+# transformers 4 saves it), or nested in the processor's (transformers 5).
+IMAGE_PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")
 
 
 def load_image_processor(root: Path):

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from kandinsky5.io.preprocess import ImageInput, preprocess_image, to_pil_images
+from kandinsky5.io.preprocess import ImageInput, preprocess_image, repeat_images, to_pil_images
 from kandinsky5.models import text_encoders as te
 from kandinsky5.pipelines.image import Kandinsky5ImagePipelineBase
 from kandinsky5.pipelines.registry import I2I_PIPELINE
@@ -96,7 +96,7 @@ class Kandinsky5I2IPipeline(Kandinsky5ImagePipelineBase):
         Each output draws its own sample of the VAE's posterior, after the noise and with the caller's generator(s),
         as diffusers draws them for a batch of one image per output (the same prompt and image repeated)."""
         pixels = preprocess_image(request.image, request.height, request.width)
-        pixels = pixels.repeat_interleave(num_outputs // pixels.shape[0], dim=0)
+        pixels = repeat_images(pixels, num_outputs // pixels.shape[0])
         posterior = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist
         image_latents = posterior.sample(generator=request.generator) * self.vae.config.scaling_factor
         return image_latents.permute(0, 2, 3, 1).unsqueeze(1)

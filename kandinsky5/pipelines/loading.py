@@ -88,9 +88,12 @@ def load_components(
         parts.setdefault("text_encoder", text_encoder)
         parts.setdefault("text_encoder_2", text_encoder_2)
     if image_processor and not hasattr(parts["tokenizer"], "image_processor"):
-        config = root / "tokenizer" / te.IMAGE_PROCESSOR_CONFIG
-        if not config.is_file():
-            raise CheckpointError(f"Missing file {config} (the Qwen2.5-VL image processor of the editing model)")
+        configs = [root / "tokenizer" / name for name in te.IMAGE_PROCESSOR_CONFIGS]
+        if not any(config.is_file() for config in configs):
+            raise CheckpointError(
+                f"Missing file {configs[0]} (the Qwen2.5-VL image processor of the editing model; or "
+                f"{configs[1].name} holding it)"
+            )
         parts["image_processor"] = te.load_image_processor(root)
     return parts
 

@@ -69,7 +69,8 @@ def decode_image_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Channels-last one-frame latents ``(batch, 1, H, W, C)`` (scaled) -> decoded images ``(batch, 3, H, W)`` in
     [-1, 1], with the image models' 2D ``vae`` (scaled by its ``scaling_factor`` alone, as diffusers' and the
     original's image pipelines: the FLUX VAE's ``shift_factor`` is not applied)."""
-    latents = latents.to(vae.dtype)[:, 0].permute(0, 3, 1, 2)
+    # contiguous, as diffusers' reshape leaves it (a channels-last view would take other convolution kernels)
+    latents = latents.to(vae.dtype)[:, 0].permute(0, 3, 1, 2).contiguous()
     return vae.decode(latents / vae.config.scaling_factor).sample
 
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from kandinsky5.variants import Variant
 
 RATIOS_FILE = "magcache_ratios.json"
+# the image models' (kept apart: RATIOS_FILE is the reference data's copy)
+IMAGE_RATIOS_FILE = "magcache_image_ratios.json"
 # The call numbering: the condition's call of a step first, then the negative prompt's.
 BRANCH_ORDER = (Branch.CONDITION, Branch.NEGATIVE)
 # The original prepends this ratio for the first step, where nothing is cached yet.
@@ -53,6 +55,7 @@ OFFICIAL_RATIOS_KEYS: dict[str, dict[str, str]] = {
     "pro-sft-5s": {"512": "pro-t2v-sft-5s", "1024": "pro-t2v-sft-5s-hd"},
     "pro-sft-10s": {"1024": "pro-t2v-sft-10s-hd"},
     "pro-i2v-5s": {"512": "pro-i2v-sft-5s", "1024": "pro-i2v-sft-5s-hd"},
+    "lite-t2i-sft": {"1024": "lite-t2i-sft-hd"},  # the original ships no ratios for its other image models
 }
 
 
@@ -234,8 +237,10 @@ class MagCache:
 
 @lru_cache(maxsize=1)
 def _official_data() -> dict[str, list[float]]:
-    text = resources.files(__package__).joinpath(RATIOS_FILE).read_text(encoding="utf-8")
-    return json.loads(text)["ratios"]
+    ratios = {}
+    for name in (RATIOS_FILE, IMAGE_RATIOS_FILE):
+        ratios |= json.loads(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))["ratios"]
+    return ratios
 
 
 def official_ratios_key(variant: Variant, resolution_class: str | None = None) -> str:
