@@ -94,7 +94,16 @@ def _ratios_output(path: str, overwrite: bool) -> Path:
 def _validate(args):
     """Every check that loads no model; returns the :class:`GenerationRequest` of the first prompt (defaults
     filled: steps, guidance, size) and sets ``args.prompt_list`` and ``args.out``."""
-    from kandinsky5.cli.main import MAX_SEED, UsageError, _model_facts, _resolve_model, build_request
+    from kandinsky5.cli.main import (
+        MAX_SEED,
+        TASK_NOUNS,
+        UsageError,
+        _model_facts,
+        _resolve_model,
+        _task_and_attention,
+        build_request,
+    )
+    from kandinsky5.variants import Task
 
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be within 0..{MAX_SEED}, got {args.seed}")
@@ -115,9 +124,10 @@ def _validate(args):
     args.image = args.negative_prompt = args.seconds = None
     args.max_sequence_length = 512
     args.variant, checkpoint = _resolve_model(args)
+    task, _ = _task_and_attention(args.variant, checkpoint)
+    if task not in (None, Task.TEXT_TO_VIDEO):
+        raise UsageError(f"--model: {args.model} is {TASK_NOUNS[task]}; calibrate-cache runs text-to-video only")
     facts = _model_facts(args, checkpoint)
-    if facts.image_to_video:
-        raise UsageError(f"--model: {args.model} is an image-to-video model; calibrate-cache runs text-to-video only")
     args.prompt = args.prompt_list[0]
     request = build_request(args, facts, None)
     if request.num_inference_steps < 2:

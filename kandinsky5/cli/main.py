@@ -1,5 +1,5 @@
-"""The ``kandinsky5`` command: ``generate`` a video, ``decode`` the latents a failed generate kept, list the official
-``models``, ``plan`` the memory of a generation per offload mode, ``calibrate-cache`` (MagCache ratios for a
+"""The ``kandinsky5`` command: ``generate`` a video or an image, ``decode`` the latents a failed generate kept, list the
+official ``models``, ``plan`` the memory of a generation per offload mode, ``calibrate-cache`` (MagCache ratios for a
 checkpoint), write a ``tiny-checkpoint`` for offline demos and tests.
 
 Everything a user can get wrong is checked before a model is loaded; a generation that finished is never lost: when
@@ -51,7 +51,19 @@ OPTION_OF_PARAMETER = {
     "max_sequence_length": "--max-sequence-length",
     "expand_prompt": "--expand-prompt",
     "image": "--image",
+    "num_images_per_prompt": "--num-images",
 }
+# what each task makes of its inputs, as errors name the model's kind
+TASK_NOUNS = {
+    Task.TEXT_TO_VIDEO: "text-to-video",
+    Task.IMAGE_TO_VIDEO: "image-to-video",
+    Task.TEXT_TO_IMAGE: "text-to-image",
+    Task.IMAGE_TO_IMAGE: "image-editing",
+}
+VIDEO_SUFFIX = ".mp4"
+# generate's options that only a video model takes (args attribute -> option), and those only an image model takes
+VIDEO_ONLY_OPTIONS = {"frames": "--frames", "seconds": "--seconds", "fps": "--fps", "expand_prompt": "--expand-prompt"}
+IMAGE_ONLY_OPTIONS = {"num_images": "--num-images"}
 
 
 class UsageError(Exception):
@@ -83,7 +95,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output .mp4 path")
+    parser.add_argument(
+        "--out", required=True, help="output path: .mp4 for a video model; .png, .jpg/.jpeg or .webp for an image model"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -104,7 +118,7 @@ def add_device_options(parser: argparse.ArgumentParser, offload_help: str) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="kandinsky5", description="Kandinsky 5.0 video generation")
+    parser = OneLineErrorParser(prog="kandinsky5", description="Kandinsky 5.0 video and image generation")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_decode_parser(sub)
@@ -130,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 def add_generate_parser(sub) -> None:
     gen = sub.add_parser(
         "generate",
-        help="generate a video from a text prompt (and an --image)",
-        description="Options left out take the model's recommended values (see `kandinsky5 models`).",
+        help="generate a video or an image from a text prompt (and an --image)",
+        description="Options left out take the model's recommended values (see `kandinsky5 models`). Video models "
+        "write an .mp4; image models (text-to-image, editing) a .png, .jpg/.jpeg or .webp.",
     )
-    gen.add_argument("prompt", help="what the video shows")
+    gen.add_argument("prompt", help="what the video or image shows (for editing: the change to make)")
     add_output_options(gen)
     gen.add_argument(
         "--model",
@@ -142,7 +157,9 @@ def add_generate_parser(sub) -> None:
         "(e.g. kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers) or a local checkpoint directory",
     )
     gen.add_argument(
-        "--image", default=None, help="first frame: image-to-video (needs an I2V model); a path or http(s) URL"
+        "--image",
+        default=None,
+        help="a path or http(s) URL: the first frame (image-to-video models) or the image to edit (editing models)",
     )
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (default: the reference's)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50, distilled 16)")
@@ -158,15 +175,33 @@ def add_generate_parser(sub) -> None:
         type=int,
         nargs="+",
         default=[0],
-        help="random seed (default 0); several seeds make one video each (OUT-seedN.mp4), the prompt encoded once",
+        help="random seed (default 0); several seeds make one video (image) each (OUT-seedN.mp4), the prompt "
+        "encoded once",
     )
-    gen.add_argument("--quality", type=float, default=DEFAULT_QUALITY, help="video quality 0..10 (default 9)")
-    gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
+    gen.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        help="image models: images per seed, sampled together (default 1; several: OUT-0.png, OUT-1.png, ...)",
+    )
+    gen.add_argument(
+        "--quality",
+        type=float,
+        default=DEFAULT_QUALITY,
+        help="quality 0..10 (default 9): the video's (x264 CRF), or a JPEG/WebP's (10 x quality; 10: lossless WebP); "
+        "PNG is lossless",
+    )
+    gen.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="prompt tokens kept (default: the model's; 512, image editing 1024)",
+    )
     gen.add_argument(
         "--expand-prompt",
         action="store_true",
-        help="rewrite the prompt into a detailed caption with the model's own Qwen2.5-VL first (as the original "
-        "repository does by default); the expanded prompt is printed before generating",
+        help="video models: rewrite the prompt into a detailed caption with the model's own Qwen2.5-VL first (as the "
+        "original repository does by default); the expanded prompt is printed before generating",
     )
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.add_argument("--attention-backend", default=None, help="auto, sdpa, cudnn, flash, efficient, math, flex")
@@ -232,17 +267,25 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_size_options(parser: argparse.ArgumentParser) -> None:
-    """The video's size and length (``generate`` and ``plan``)."""
+    """The video's (image's) size and the video's length (``generate`` and ``plan``)."""
     parser.add_argument(
-        "--height", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 512, Pro 768)"
+        "--height",
+        type=int,
+        default=None,
+        help="pixels, multiple of 16 (default: the model's; Lite 512, Pro 768, images 1024; an image model snaps "
+        "other sizes to its nearest trained one)",
     )
     parser.add_argument(
         "--width", type=int, default=None, help="pixels, multiple of 16 (default: the model's; Lite 768, Pro 1280)"
     )
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: 121, 10 s 241)")
-    length.add_argument("--seconds", type=float, default=None, help="video length in seconds at --fps")
-    parser.add_argument("--fps", type=int, default=None, help=f"frames per second of the file (default {DEFAULT_FPS})")
+    length.add_argument(
+        "--frames", type=int, default=None, help="video models: number of frames, 4k+1 (default: 121, 10 s 241)"
+    )
+    length.add_argument("--seconds", type=float, default=None, help="video models: length in seconds at --fps")
+    parser.add_argument(
+        "--fps", type=int, default=None, help=f"video models: frames per second of the file (default {DEFAULT_FPS})"
+    )
 
 
 def add_decode_parser(sub) -> None:
@@ -270,13 +313,19 @@ def add_decode_parser(sub) -> None:
 
 
 def _validate_generate(args, writes: bool = True):
-    """Every check that needs no model, so that mistakes cost nothing: the output paths (unless ``writes`` is
-    False: under torchrun rank 0 checks them last, see :func:`check_outputs`), the model, the image, the export
-    options, and the :class:`GenerationRequest` the flags describe, built and validated by the same code as a
-    pipeline call. Sets ``args.variant`` (or ``None``) and returns the request."""
+    """Every check that needs no model, so that mistakes cost nothing: the model and its task, the output's kind
+    (an image model writes .png/.jpg/.webp, a video model .mp4) and the options only one kind takes, the output
+    paths (unless ``writes`` is False: under torchrun rank 0 checks them last, see :func:`check_outputs`), the
+    image, the export options, and the :class:`GenerationRequest` the flags describe, built and validated by the
+    same code as a pipeline call. Sets ``args.variant`` (or ``None``) and ``args.task``; returns the request."""
     for seed in args.seed:
         if not 0 <= seed <= MAX_SEED:
             raise UsageError(f"--seed must be within 0..{MAX_SEED} (what a torch.Generator takes), got {seed}")
+    args.variant, checkpoint = _resolve_model(args)
+    facts = _model_facts(args, checkpoint, images=_is_image_path(args.out))
+    args.task = facts.task
+    check_output_kind(args, facts.task)
+    check_task_options(args, facts.task)
     if writes:
         check_outputs(args)
     else:
@@ -285,34 +334,114 @@ def _validate_generate(args, writes: bool = True):
             args.outputs = output_paths(args.out, args.seed)
         except ValueError as err:
             raise UsageError(str(err)) from err
-    args.variant, checkpoint = _resolve_model(args)
-    facts = _model_facts(args, checkpoint)
     first_frame = _first_frame(args, facts)
-    if args.fps is None:
-        args.fps = args.variant.fps if args.variant else DEFAULT_FPS
-    if args.fps < 1:
-        raise UsageError(f"--fps must be >= 1, got {args.fps}")
+    if not facts.makes_images:
+        if args.fps is None:
+            args.fps = args.variant.fps if args.variant else DEFAULT_FPS
+        if args.fps < 1:
+            raise UsageError(f"--fps must be >= 1, got {args.fps}")
     if not 0 <= args.quality <= 10:
         raise UsageError(f"--quality must be within 0..10, got {args.quality}")
     if args.seconds is not None:
         args.frames = frames_for_seconds(args.seconds, args.fps)
-    if first_frame is not None and args.height is None and args.width is None:
+    # image-to-video: the trained size closest to the image's shape; editing: the image's size, snapped by the request
+    if facts.image_to_video and args.height is None and args.width is None:
         args.height, args.width = size_for_image(first_frame, args.variant)
     request = build_request(args, facts, first_frame)
     args.cache_config = cache_config(args, request)
     return request
 
 
-def check_outputs(args) -> None:
-    """``--out`` (one path per seed) writable, and no existing file unless ``--overwrite``; sets ``args.out`` and
-    ``args.outputs``."""
-    from kandinsky5.io import check_output_path
+def _is_image_path(path) -> bool:
+    from kandinsky5.io.image_output import is_image_path
 
+    return is_image_path(path)
+
+
+def check_output_kind(args, task: Task) -> None:
+    """``--out``'s suffix fits what the model makes: .mp4 for a video model, .png/.jpg/.jpeg/.webp for an image
+    model (one line naming ``--out`` otherwise)."""
+    from kandinsky5.io.image_output import suffixes_text
+
+    suffix = Path(args.out).suffix.lower()
+    kind = model_kind(args.model, task)
+    if task.makes_images and not _is_image_path(args.out):
+        what = "it makes images, not videos" if suffix == VIDEO_SUFFIX else "an image is written as PNG, JPEG or WebP"
+        raise UsageError(f"--out {args.out}: {kind}; {what}: give a path ending in {suffixes_text()}")
+    if not task.makes_images and suffix != VIDEO_SUFFIX:
+        what = "it makes videos, not images" if _is_image_path(args.out) else "a video is written as MP4"
+        raise UsageError(f"--out {args.out}: {kind}; {what}: give a path ending in {VIDEO_SUFFIX}")
+
+
+def model_kind(model: str, task: Task) -> str:
+    """``<model> is a text-to-video model``, ``<model> is an image-editing model``, ..."""
+    noun = TASK_NOUNS[task]
+    return f"{model} is {'an' if noun[0] in 'aeiou' else 'a'} {noun} model"
+
+
+def check_task_options(args, task: Task) -> None:
+    """Options that only a video model (``--frames``, ``--seconds``, ``--fps``, ``--expand-prompt``) or only an
+    image model (``--num-images``) takes, refused for the other kind in one line naming them."""
+    images = task.makes_images
+    options = VIDEO_ONLY_OPTIONS if images else IMAGE_ONLY_OPTIONS
+    given = [flag for name, flag in options.items() if _given(getattr(args, name, None))]
+    if not given:
+        return
+    kind = model_kind(args.model, task)
+    if images:
+        verb = "is a video option" if len(given) == 1 else "are video options"
+        raise UsageError(
+            f"{' and '.join(given)} {verb}; {kind}: it makes still images (several: --num-images N or --seed A B)"
+        )
+    raise UsageError(f"{' and '.join(given)} is for image models; {kind} (several videos: --seed A B ...)")
+
+
+def _given(value) -> bool:
+    """An option set to anything but its default ``None`` or ``False`` (a 0 counts)."""
+    return value is not None and value is not False
+
+
+def num_images(args) -> int:
+    """Images per seed (``--num-images``; 1 when not given or for a video)."""
+    count = getattr(args, "num_images", None)
+    return 1 if count is None else count
+
+
+def output_files(args, base: Path) -> list[Path]:
+    """The files of one seed's output ``base``: ``base`` itself, or with ``--num-images N`` (N > 1)
+    ``<stem>-0<suffix>`` ... ``<stem>-<N-1><suffix>`` beside it."""
+    count = num_images(args)
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{index}{base.suffix}") for index in range(count)]
+
+
+def check_outputs(args) -> None:
+    """``--out`` (one path per seed, and per image with ``--num-images``) writable, and no existing file unless
+    ``--overwrite``; sets ``args.out`` and ``args.outputs`` (one base path per seed, see :func:`output_files`)."""
     try:
-        args.out = check_output_path(args.out)
-        args.outputs = [new_output(path, args.overwrite) for path in output_paths(args.out, args.seed)]
+        args.out = checked_output_path(args.out)
+        args.outputs = output_paths(args.out, args.seed)
+        for base in args.outputs:
+            for path in output_files(args, base):
+                new_output(path, args.overwrite)
     except (ValueError, OSError) as err:
         raise RankUsageError(str(err)) from err
+
+
+def checked_output_path(path) -> Path:
+    """``check_image_output_path`` for an image suffix, ``check_output_path`` for a video's; a ``ValueError``
+    naming both kinds' suffixes for any other."""
+    from kandinsky5.io import check_image_output_path, check_output_path
+    from kandinsky5.io.image_output import suffixes_text
+
+    if _is_image_path(path):
+        return check_image_output_path(path)
+    if Path(path).suffix.lower() != VIDEO_SUFFIX:
+        raise ValueError(
+            f"Output path {str(path)!r} must end in {VIDEO_SUFFIX} (a video) or {suffixes_text()} (an image)"
+        )
+    return check_output_path(path)
 
 
 def cache_config(args, request):
@@ -351,6 +480,7 @@ def build_request(args, facts, first_frame):
     """The request of ``generate``'s flags; a bad value is a :class:`UsageError` naming its option."""
     from kandinsky5.pipelines.request import GenerationRequest, RequestError
 
+    images = facts.makes_images
     try:
         return GenerationRequest.build(
             facts,
@@ -358,7 +488,8 @@ def build_request(args, facts, first_frame):
             negative_prompt=args.negative_prompt,
             height=args.height,
             width=args.width,
-            num_frames=args.frames,
+            num_frames=1 if images else args.frames,
+            num_videos_per_prompt=num_images(args) if images else 1,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             max_sequence_length=args.max_sequence_length,
@@ -373,25 +504,37 @@ def build_request(args, facts, first_frame):
         raise UsageError(f"{option}: {err}") from err
 
 
-def _model_facts(args, checkpoint: Path | None):
-    """What validation needs to know of the model, from the variant registry or the checkpoint's configs."""
+def _model_facts(args, checkpoint: Path | None, images: bool = False):
+    """What validation needs to know of the model, from the variant registry or the checkpoint's configs; and
+    ``--image`` given exactly when the model takes one. A model whose task is not known before loading (a hub id
+    of no known variant) is taken to make images when ``images`` (the output path says so) and to take an image
+    when ``--image`` is given; loading then refuses a checkpoint of another kind."""
     from kandinsky5.pipelines.request import ModelFacts
 
     task, nabla = _task_and_attention(args.variant, checkpoint)
-    image_to_video = args.image is not None if task is None else task is Task.IMAGE_TO_VIDEO
-    if args.image is not None and not image_to_video:
-        raise UsageError(f"--image needs an image-to-video model; {args.model} is text-to-video")
-    if args.image is None and image_to_video:
+    if task is None:
+        tasks = {
+            (False, False): Task.TEXT_TO_VIDEO,
+            (False, True): Task.IMAGE_TO_VIDEO,
+            (True, False): Task.TEXT_TO_IMAGE,
+            (True, True): Task.IMAGE_TO_IMAGE,
+        }
+        task = tasks[images, args.image is not None]
+    if args.image is not None and not task.takes_image:
+        wanted = "an image-editing model (e.g. lite-edit-sft)" if task.makes_images else "an image-to-video model"
+        raise UsageError(f"--image needs {wanted}; {args.model} is {TASK_NOUNS[task]}")
+    if args.image is None and task is Task.IMAGE_TO_VIDEO:
         raise UsageError(f"{args.model} is an image-to-video model: give the first frame with --image PATH")
-    video_task = Task.IMAGE_TO_VIDEO if image_to_video else Task.TEXT_TO_VIDEO
-    return ModelFacts(variant=args.variant, nabla=nabla, task=video_task)
+    if args.image is None and task is Task.IMAGE_TO_IMAGE:
+        raise UsageError(f"{args.model} is an image-editing model: give the image to edit with --image PATH")
+    return ModelFacts(variant=args.variant, nabla=nabla, task=task)
 
 
 def _first_frame(args, facts):
-    """The ``--image``, opened (``None`` for text-to-video)."""
+    """The ``--image``, opened (``None`` for a model that takes none)."""
     from kandinsky5.io import load_image
 
-    if not facts.image_to_video:
+    if not facts.task.takes_image:
         return None
     try:
         return load_image(args.image)
@@ -433,8 +576,8 @@ def _resolve_model(args, whole_checkpoint: bool = True) -> tuple[Variant | None,
 
 
 def _task_and_attention(variant: Variant | None, checkpoint: Path | None) -> tuple[Task | None, bool]:
-    """Text- or image-to-video (``None``: not known before loading) and whether the transformer uses NABLA, from
-    the variant or else the local checkpoint's configs."""
+    """The model's task (text- or image-to-video, text-to-image, image editing; ``None``: not known before
+    loading) and whether the transformer uses NABLA, from the variant or else the local checkpoint's configs."""
     from kandinsky5.variants import AttentionType, CheckpointFacts
 
     if variant is not None:
@@ -784,11 +927,10 @@ def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = N
     split over the processes (Ulysses, CFG, sharded weights)."""
     import torch
 
-    import kandinsky5
-
-    image_to_video = request.image is not None
-    pipeline_class = kandinsky5.Kandinsky5I2VPipeline if image_to_video else kandinsky5.Kandinsky5T2VPipeline
-    pipe = pipeline_class.from_pretrained(args.model, torch_dtype=dtype)
+    task = getattr(args, "task", None)  # set by generate's checks; else (serve) the request tells
+    if task is None:
+        task = Task.IMAGE_TO_VIDEO if request.image is not None else Task.TEXT_TO_VIDEO
+    pipe = pipeline_class(task).from_pretrained(args.model, torch_dtype=dtype)
     # layout transforms first: offloading then arms its hooks on the final layers
     if args.fuse_qkv:
         pipe.fuse_qkv_projections()
@@ -796,8 +938,8 @@ def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = N
         pipe.quantize(transformer=args.quantize_transformer, text_encoder=args.quantize_text_encoder)
     # LoRA after quantization (a separate low-rank branch over quantized weights), before offloading
     args.lora_trigger_words = apply_lora_options(args, pipe)
-    if args.vae_channels_last:
-        pipe.vae.to(memory_format=torch.channels_last_3d)
+    if args.vae_channels_last:  # the image models' VAE is 2D
+        pipe.vae.to(memory_format=torch.channels_last if task.makes_images else torch.channels_last_3d)
     if args.vae_tiling == "on":
         pipe.vae.enable_tiling()
     elif args.vae_tiling == "off":
@@ -835,6 +977,18 @@ def load_pipeline(args, request, device, dtype, parallel: ParallelRun | None = N
     return pipe
 
 
+def pipeline_class(task: Task) -> type:
+    """The pipeline class of ``task`` (its ``from_pretrained`` refuses a checkpoint of another task)."""
+    import kandinsky5
+
+    return {
+        Task.TEXT_TO_VIDEO: kandinsky5.Kandinsky5T2VPipeline,
+        Task.IMAGE_TO_VIDEO: kandinsky5.Kandinsky5I2VPipeline,
+        Task.TEXT_TO_IMAGE: kandinsky5.Kandinsky5T2IPipeline,
+        Task.IMAGE_TO_IMAGE: kandinsky5.Kandinsky5I2IPipeline,
+    }[task]
+
+
 def encoded_once(pipe, request, prints: bool = True, shared: bool = False):
     """``request`` with its prompts (expanded first with ``--expand-prompt``; the expansion printed when
     ``prints``) replaced by their embeddings, so that every seed reuses them. ``shared`` (a run under torchrun):
@@ -852,9 +1006,12 @@ def encoded_once(pipe, request, prints: bool = True, shared: bool = False):
         if prints:
             for text in prompt:
                 print(f"kandinsky5: expanded prompt: {text}", flush=True)
-    embeds = embedding_kwargs("prompt", pipe.encode_prompt(prompt, max_sequence_length=request.max_sequence_length))
+    options = {"max_sequence_length": request.max_sequence_length}
+    if getattr(pipe, "task", None) is Task.IMAGE_TO_IMAGE:  # the editing model's text encoder sees the image
+        options["image"] = request.image
+    embeds = embedding_kwargs("prompt", pipe.encode_prompt(prompt, **options))
     if request.uses_guidance:
-        negative = pipe.encode_prompt(request.negative_prompts(), max_sequence_length=request.max_sequence_length)
+        negative = pipe.encode_prompt(request.negative_prompts(), **options)
         embeds.update(embedding_kwargs("negative_prompt", negative))
     return dataclasses.replace(request, prompt=None, negative_prompt=None, expand_prompt=False, **embeds)
 
@@ -908,11 +1065,12 @@ class PhaseStatus:
     """A line on stderr when decoding or writing starts (the progress bar covers the denoising steps), so the
     seconds after the bar's 100 % are not silent; off with ``--no-progress``."""
 
-    SAID = {"decode": "decoding the latents", "write": "writing the video"}
+    def __init__(self, written: str = "the video"):
+        self.said = {"decode": "decoding the latents", "write": f"writing {written}"}
 
     def __call__(self, event) -> None:
-        if event.completed == 0 and event.phase in self.SAID:
-            print(f"kandinsky5: {self.SAID[event.phase]} ...", file=sys.stderr, flush=True)
+        if event.completed == 0 and event.phase in self.said:
+            print(f"kandinsky5: {self.said[event.phase]} ...", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -945,13 +1103,39 @@ def decode_frames(decode_latents, latents):
         return postprocess_video(decode_latents(latents), "np")[0]
 
 
+def decode_images(decode_latents, latents):
+    """Every image of one-frame ``latents`` decoded as the image pipelines' ``output_type="np"`` gives them:
+    ``(images, H, W, 3)`` float32 in [0, 1]. ``decode_latents`` is an image pipeline's."""
+    import torch
+
+    from kandinsky5.pipelines.output import postprocess_image
+
+    with torch.no_grad():
+        return postprocess_image(decode_latents(latents), "np")
+
+
+def makes_images(args) -> bool:
+    """Whether ``generate``'s model makes images (``args.task``, set by its checks)."""
+    task = getattr(args, "task", None)
+    return task is not None and task.makes_images
+
+
+def sampled_latents(output):
+    """The latents of an ``output_type="latent"`` call: a video pipeline's ``.frames``, an image pipeline's
+    ``.image``."""
+    image = getattr(output, "image", None)
+    return output.frames if image is None else image
+
+
 def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: ParallelRun | None = None) -> SeedResult:
-    """One video of ``request`` from ``seed``, written to ``out``.
+    """One video of ``request`` from ``seed``, written to ``out``; or for an image model its ``--num-images``
+    images, sampled together, written to :func:`output_files` of ``out``.
 
     Sampling and decoding are separate steps, so that the sampled latents outlive a failed decode or write: they are
-    then kept beside ``out`` (kandinsky5/cli/latents.py), and one line on stderr says what failed and how to decode
-    them later (``kandinsky5 decode``). A failed write also keeps the frames as a ``.npy`` file. A failure is
-    returned (the next seed runs); a cancellation or interrupt is raised again once the latents are safe.
+    then kept beside ``out`` (kandinsky5/cli/latents.py; one file per image not written), and one line on stderr says
+    what failed and how to decode them later (``kandinsky5 decode``). A failed write also keeps the frames as a
+    ``.npy`` file. A failure is returned (the next seed runs); a cancellation or interrupt is raised again once the
+    latents are safe.
 
     In a parallel run (``parallel``) every rank samples and decodes (the VAE's tiles shared among them) and rank 0
     alone writes, keeps and prints; a failed sampling or decode raises :class:`StageFailed` (the ranks cannot go on
@@ -959,16 +1143,19 @@ def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: Pa
     """
     import torch
 
-    from kandinsky5.io import export_to_video
+    from kandinsky5.io import export_to_video, save_image
     from kandinsky5.runtime.offload import release_cached_memory
     from kandinsky5.runtime.parallel.failure import fault_injection
     from kandinsky5.sampling.control import GenerationCancelled, Phase, RunControl
 
+    images = makes_images(args)
+    outs = output_files(args, out) if images else [out]
+    named = ", ".join(str(path) for path in outs)
     main = parallel is None or parallel.is_main
     times = PhaseTimes()
     control = RunControl(on_progress=times)
     if not args.no_progress and main:
-        control.add_listener(PhaseStatus())
+        control.add_listener(PhaseStatus(("the images" if len(outs) > 1 else "the image") if images else "the video"))
     fault = fault_injection(0 if parallel is None else parallel.launch.rank)
     if fault is not None:
         control.add_listener(fault)
@@ -978,7 +1165,7 @@ def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: Pa
     try:
         # the latents after the pipeline's finalize_latents: what its own decode would receive
         with interrupted_during(times.current):
-            latents = pipe.generate(seeded, control).frames
+            latents = sampled_latents(pipe.generate(seeded, control))
     except GenerationCancelled:
         raise
     except Exception as err:
@@ -986,40 +1173,50 @@ def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: Pa
         if parallel is not None:
             raise StageFailed(f"seed {seed}: sampling failed ({one_line(err)})") from err
         print(f"kandinsky5: error: seed {seed}: sampling failed ({one_line(err)}); nothing to keep", file=sys.stderr)
-        return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: sampling ({type(err).__name__}); nothing kept")
-    stage, frames = Phase.DECODE, None
+        return SeedResult(seed, False, f"{named}: FAILED, seed {seed}: sampling ({type(err).__name__}); nothing kept")
+    stage, frames, written = Phase.DECODE, None, 0
     decode = pipe.decode_latents  # in a parallel run the ranks share the tiles
     try:
         with interrupted_during(times.current):
             with control.phase(Phase.DECODE):
-                frames = decode_frames(decode, latents)
+                frames = decode_images(decode, latents) if images else decode_frames(decode, latents)
             pipe.maybe_free_model_hooks()
             stage = Phase.WRITE
             if not main:
                 return SeedResult(seed, True, "")
             with control.phase(Phase.WRITE):
-                export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
+                if images:
+                    for image, path in zip(frames, outs, strict=True):
+                        save_image(image, path, quality=args.quality)
+                        written += 1
+                else:
+                    export_to_video(frames, str(out), fps=args.fps, quality=args.quality)
     except KeyboardInterrupt as err:
         # the interrupt's one line (main) says what was kept: the latents, quickly (not the frames)
         pipe.maybe_free_model_hooks()
         if main:
-            err.kept = keep_after_failure(args, request, seed, out, latents, None, err)
+            err.kept = keep_unwritten(args, request, seed, outs[written:], latents[written:], None, err)
         raise
     except Exception as err:
         pipe.maybe_free_model_hooks()
         release_cached_memory(device)
         if parallel is not None and stage is Phase.DECODE:
-            raise decode_failed(args, request, seed, out, latents, err, main) from err
-        kept = keep_after_failure(args, request, seed, out, latents, frames, err)
-        what = "decoding" if stage is Phase.DECODE else f"writing {out}"
+            raise decode_failed(args, request, seed, outs, latents, err, main) from err
+        unwritten = None if frames is None else frames[written:]
+        kept = keep_unwritten(args, request, seed, outs[written:], latents[written:], unwritten, err)
+        what = "decoding" if stage is Phase.DECODE else f"writing {outs[written]}"
         print(f"kandinsky5: error: seed {seed}: {what} failed ({one_line(err)}); {kept}", file=sys.stderr)
         if isinstance(err, GenerationCancelled):
             raise
-        return SeedResult(seed, False, f"{out}: FAILED, seed {seed}: {stage} ({type(err).__name__}); {kept}")
-    frames_count, height, width, _ = frames.shape
+        return SeedResult(seed, False, f"{named}: FAILED, seed {seed}: {stage} ({type(err).__name__}); {kept}")
+    count, height, width, _ = frames.shape
     image = times.seconds(Phase.ENCODE_IMAGE)
+    if images:
+        what = f"{count} images, " if count > 1 else ""
+    else:
+        what = f"{count} frames at {args.fps} fps, "
     line = (
-        f"{out}: ok, seed {seed}, {width}x{height}, {frames_count} frames at {args.fps} fps, "
+        f"{named}: ok, seed {seed}, {width}x{height}, {what}"
         f"{request.num_inference_steps} steps at {times.seconds_per_step():.2f} s/step; "
         + (f"image encode {image:.1f} s, " if times.ran(Phase.ENCODE_IMAGE) else "")
         + f"sampling {times.seconds(Phase.DENOISE):.1f} s, decode {times.seconds(Phase.DECODE):.1f} s, "
@@ -1031,7 +1228,7 @@ def generate_one(args, pipe, request, seed: int, out: Path, device, parallel: Pa
     return SeedResult(seed, True, line)
 
 
-def decode_failed(args, request, seed: int, out: Path, latents, err: BaseException, main: bool) -> StageFailed:
+def decode_failed(args, request, seed: int, outs: list[Path], latents, err: BaseException, main: bool) -> StageFailed:
     """The error of a parallel decode that failed on this rank (or on another, whose collective this one was in):
     rank 0 first keeps the latents (every rank holds them) and says where, on the failure's line when the failure
     is its own, else on a line of its own (the failing rank reports the failure)."""
@@ -1040,11 +1237,23 @@ def decode_failed(args, request, seed: int, out: Path, latents, err: BaseExcepti
         return StageFailed(message)
     from kandinsky5.runtime.parallel.failure import recorded_failure
 
-    kept = keep_after_failure(args, request, seed, out, latents, None, err)
+    kept = keep_unwritten(args, request, seed, outs, latents, None, err)
     other = recorded_failure()
     if other is not None and other[0] != 0:
         print(f"kandinsky5: seed {seed}: {kept}", file=sys.stderr)
     return StageFailed(f"{message}; {kept}")
+
+
+def keep_unwritten(args, request, seed: int, outs: list[Path], latents, frames, err: BaseException) -> str:
+    """:func:`keep_after_failure` for each output not written: the video (``latents`` of one video), or each image
+    (``latents`` and ``frames`` hold one row per image of ``outs``), each kept beside its own path."""
+    if len(outs) == 1:
+        return keep_after_failure(args, request, seed, outs[0], latents[:1], None if frames is None else frames, err)
+    said = []
+    for index, out in enumerate(outs):
+        image_frames = None if frames is None else frames[index : index + 1]
+        said.append(keep_after_failure(args, request, seed, out, latents[index : index + 1], image_frames, err))
+    return "; ".join(said)
 
 
 def keep_after_failure(args, request, seed: int, out: Path, latents, frames, err: BaseException) -> str:
@@ -1115,10 +1324,9 @@ def embedding_kwargs(prefix: str, embeds) -> dict:
 
 
 def new_output(path, overwrite: bool) -> Path:
-    """``path`` checked writable (``check_output_path``), and not an existing file unless ``overwrite``."""
-    from kandinsky5.io import check_output_path
-
-    path = check_output_path(path)
+    """``path`` checked writable (:func:`checked_output_path`: a video's or an image's, by its suffix), and not an
+    existing file unless ``overwrite``."""
+    path = checked_output_path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     return path
@@ -1134,10 +1342,11 @@ def output_paths(out: Path, seeds: list[int]) -> list[Path]:
 
 
 def _validate_decode(args):
-    """Every check of ``decode`` that loads no model: the latents file (ours, with latents of one video), the output
-    path, the export options, the device and the checkpoint's VAE folder (its config fits the latents). Sets
-    ``args.fps``/``args.quality`` (default: the generate run's, stored in the file) and ``args.vae_folder``; returns
-    the file's header."""
+    """Every check of ``decode`` that loads no model: the latents file (ours, with latents of one video or one
+    image), the output path, the export options, the device and the checkpoint's VAE folder (its config fits the
+    latents; a 2D VAE, an image model's, decodes one-frame latents into an image: .png/.jpg/.jpeg/.webp, no
+    ``--fps``). Sets ``args.fps``/``args.quality`` (default: the generate run's, stored in the file),
+    ``args.vae_folder`` and ``args.images``; returns the file's header."""
     from kandinsky5.cli.latents import LatentsFileError, read_header
 
     try:
@@ -1148,6 +1357,7 @@ def _validate_decode(args):
         args.out = new_output(args.out, args.overwrite)
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
+    fps_given = args.fps is not None
     if args.fps is None:
         args.fps = int(header.number("fps", DEFAULT_FPS))
     if args.fps < 1:
@@ -1158,7 +1368,32 @@ def _validate_decode(args):
         raise UsageError(f"--quality must be within 0..10, got {args.quality}")
     args.variant, _ = _resolve_model(args, whole_checkpoint=False)  # decode needs only its vae/ folder
     args.vae_folder = _vae_folder(args, header)
+    args.images = _is_image_vae(args.vae_folder)
+    if args.images:
+        if header.shape[1] != 1:
+            raise UsageError(
+                f"--model: {args.model} is an image model (2D VAE); {header.path} holds {header.shape[1]} latent "
+                "frames, a video's"
+            )
+        if fps_given:
+            raise UsageError(f"--fps is a video option; {args.model} is an image model")
+    if args.images != _is_image_path(args.out):
+        from kandinsky5.io.image_output import suffixes_text
+
+        wanted = f"an image: give a path ending in {suffixes_text()}" if args.images else "a video: give a .mp4 path"
+        raise UsageError(f"--out {args.out}: the latents of {args.model} decode into {wanted}")
     return header
+
+
+def _is_image_vae(folder: Path) -> bool:
+    """Whether the ``vae/`` folder holds an image model's 2D VAE (by its config's class)."""
+    from kandinsky5.loading.diffusers_format import CheckpointError
+    from kandinsky5.pipelines.loading import vae_class
+
+    try:
+        return vae_class(folder).__name__ == "AutoencoderKL2D"
+    except CheckpointError as err:
+        raise UsageError(f"--model: {err}") from err
 
 
 def _vae_folder(args, header) -> Path:
@@ -1186,12 +1421,12 @@ def load_vae(args, device, dtype):
     import torch
 
     from kandinsky5.loading.diffusers_format import load_component
-    from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
+    from kandinsky5.pipelines.loading import vae_class
     from kandinsky5.runtime.offload import ModelCpuOffload, SequentialCpuOffload, offload_execution_device
 
-    vae = load_component(AutoencoderKLHunyuanVideo, args.vae_folder, dtype)
-    if args.vae_channels_last:
-        vae.to(memory_format=torch.channels_last_3d)
+    vae = load_component(vae_class(args.vae_folder), args.vae_folder, dtype)
+    if args.vae_channels_last:  # an image model's VAE is 2D
+        vae.to(memory_format=torch.channels_last if getattr(args, "images", False) else torch.channels_last_3d)
     if args.vae_tiling == "on":
         vae.enable_tiling()
     elif args.vae_tiling == "off":
@@ -1218,8 +1453,8 @@ def cmd_decode(args) -> int:
     import torch
 
     from kandinsky5.cli.latents import load_latents
-    from kandinsky5.io import export_to_video, save_frames_fallback
-    from kandinsky5.pipelines.output import decode_latents
+    from kandinsky5.io import export_to_video, save_frames_fallback, save_image
+    from kandinsky5.pipelines.output import decode_image_latents, decode_latents
     from kandinsky5.sampling.control import Phase, RunControl
 
     start = time.perf_counter()
@@ -1229,10 +1464,11 @@ def cmd_decode(args) -> int:
     latents = load_latents(header).to(plan.device if plan is not None else device)
     times = PhaseTimes()
     control = RunControl(on_progress=times)
-    decode = partial(decode_latents, vae)  # the pipeline's decode, with the VAE alone
+    # the pipeline's decode, with the VAE alone
+    decode = partial(decode_image_latents if args.images else decode_latents, vae)
     try:
         with interrupted_during("decoding"), control.phase(Phase.DECODE):
-            frames = decode_frames(decode, latents)
+            frames = decode_images(decode, latents) if args.images else decode_frames(decode, latents)
     except Exception as err:
         hint = " (try --vae-tiling on, or --offload model)" if isinstance(err, torch.OutOfMemoryError) else ""
         print(
@@ -1245,7 +1481,10 @@ def cmd_decode(args) -> int:
             plan.free()
     try:
         with control.phase(Phase.WRITE):
-            export_to_video(frames, str(args.out), fps=args.fps, quality=args.quality)
+            if args.images:
+                save_image(frames[0], args.out, quality=args.quality)
+            else:
+                export_to_video(frames, str(args.out), fps=args.fps, quality=args.quality)
     except Exception as err:
         kept = save_frames_fallback(frames, args.out)
         print(
@@ -1254,8 +1493,9 @@ def cmd_decode(args) -> int:
         )
         return 1
     frames_count, height, width, _ = frames.shape
+    what = "an image" if args.images else f"{frames_count} frames at {args.fps} fps"
     print(
-        f"{args.out}: ok, decoded from {header.path}, {width}x{height}, {frames_count} frames at {args.fps} fps; "
+        f"{args.out}: ok, decoded from {header.path}, {width}x{height}, {what}; "
         f"load {load_s:.1f} s, decode {times.seconds(Phase.DECODE):.1f} s, write {times.seconds(Phase.WRITE):.1f} s"
     )
     return 0
@@ -1271,21 +1511,23 @@ def cmd_tiny_checkpoint(args) -> int:
         raise UsageError(f"{folder} is not empty; pass --force to write the checkpoint into it")
     folder = write_tiny_checkpoint(folder, seed=args.seed, task=args.task)
     kind = args.task.upper()
-    print(f"{folder}: tiny random-weight Kandinsky 5 {kind} checkpoint (Diffusers layout; it generates noise videos)")
+    noise = "images" if Task(args.task).makes_images else "videos"
+    print(f"{folder}: tiny random-weight Kandinsky 5 {kind} checkpoint (Diffusers layout; it generates noise {noise})")
     return 0
 
 
 def format_models(variants: tuple[Variant, ...] = VARIANTS) -> list[str]:
-    """One line per variant: short name, hub id, task and the defaults ``generate`` uses."""
+    """One line per variant: short name, hub id, task and the defaults ``generate`` uses (an image model: one
+    frame, no frame rate; its output an image)."""
     name_width = max(len(v.short_name) for v in variants)
     id_width = max(len(v.repo_id) for v in variants)
     lines = []
     for v in variants:
         d = v.defaults
+        output = "frames=1 output=image" if v.makes_images else f"frames={d.num_frames} fps={v.fps} output=video"
         lines.append(
             f"{v.short_name:<{name_width}}  {v.repo_id:<{id_width}}  {v.task}  steps={d.num_inference_steps} "
-            f"guidance={d.guidance_scale:.1f} height={d.height} width={d.width} frames={d.num_frames} fps={v.fps} "
-            f"attention={v.attention}"
+            f"guidance={d.guidance_scale:.1f} height={d.height} width={d.width} {output} attention={v.attention}"
         )
     return lines
 
@@ -1394,6 +1636,37 @@ def silence_import_noise() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class WarningLines(logging.Handler):
+    """The package's warnings (an untrained size, an image size snapped to a trained one, ...) as
+    ``kandinsky5: warning: ...`` lines on the stderr of the moment (what Python's last-resort handler would print
+    bare)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"kandinsky5: warning: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def warning_lines(command: str):
+    """:class:`WarningLines` on the ``kandinsky5`` logger while a command runs (not ``serve``, whose server logs
+    its own way), unless the logging is configured already (handlers on the root logger)."""
+    logger = logging.getLogger("kandinsky5")
+    if command == "serve" or logging.getLogger().handlers or logger.handlers:
+        yield
+        return
+    handler = WarningLines()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     silence_import_noise()
@@ -1408,7 +1681,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     # SIGINT and SIGTERM unwind the command (every file is written under a temporary name and renamed when
     # complete, so nothing partial is left) and end it with one line and the status 130 or 143.
-    with InterruptSignals() as signals:
+    with InterruptSignals() as signals, warning_lines(args.command):
         try:
             return handlers[args.command](args)
         except KeyboardInterrupt as err:

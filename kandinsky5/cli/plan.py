@@ -173,12 +173,17 @@ def cmd_plan(args) -> int:
     if args.free_gib is not None and not args.free_gib >= 0:
         raise UsageError(f"--free-gib must be a number of GiB >= 0, got {args.free_gib}")
     args.variant, checkpoint = _resolve_model(args, whole_checkpoint=False)
+    task, nabla = _task_and_attention(args.variant, checkpoint)
+    if task is not None and task.makes_images:
+        raise UsageError(
+            f"--model: {args.model} is an image model; `kandinsky5 plan` estimates the video models' memory only "
+            "(an image model's generate runs --offload none unless told --offload model, blocks or sequential)"
+        )
     fps = args.fps if args.fps is not None else (args.variant.fps if args.variant else FPS)
     if fps < 1:
         raise UsageError(f"--fps must be >= 1, got {fps}")
     if args.seconds is not None:
         args.frames = frames_for_seconds(args.seconds, fps)
-    _, nabla = _task_and_attention(args.variant, checkpoint)
     # the plan is the text-to-video one: an image-to-video model's image encode (one frame) is far below its peaks
     request = build_request(args, ModelFacts(variant=args.variant, nabla=nabla), None)
     configs = pipeline_configs(args.model, args.variant, checkpoint)
@@ -283,6 +288,15 @@ def resolve_generate_offload(args, request, device, dtype) -> None:
         if args.offload == "auto":
             args.offload = "none"
         return
+    task = getattr(args, "task", None)
+    if task is not None and task.makes_images:  # the memory plan models the video networks only
+        if args.offload == "auto":
+            args.offload = "none"
+            say(
+                "offload: none (no memory plan for the image models; --offload model, blocks or sequential save GPU "
+                "memory)"
+            )
+        return
     plan, why_not = _generate_plan(args, request, dtype)
     free = free_gpu_bytes(device)
     if plan is None or free is None:
@@ -325,7 +339,7 @@ def resolve_decode_offload(args, header, device, dtype) -> None:
     if args.offload != "auto":
         return
     free = free_gpu_bytes(device) if device.type == "cuda" else None
-    if free is None:
+    if free is None or getattr(args, "images", False):  # an image's decode: one small 2D VAE call
         args.offload = "none"
         return
     from kandinsky5.loading.diffusers_format import CONFIG_FILE, read_json
