@@ -1,0 +1,224 @@
+"""The image pipelines through the engine's shared machinery, on the tiny diffusers-written checkpoints, on the CPU:
+offload (model, sequential, block streaming with the editing model's vision tower on the device), MagCache with
+the original's text-to-image ratios, LoRA against diffusers, low-bit weights, variants, and bad input.
+
+Exact paths are compared bit for bit with the plain run (the same kernels on the same tensors); approximations
+state their bound (MagCache: skipping changes the output; int8: test_quantization's bound)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import PIL.Image
+import pytest
+import torch
+from test_lora import TARGETS_A, make_peft_lora
+from tolerances import FORWARD_REORDER, assert_close, relative_l2
+
+from kandinsky5 import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
+from kandinsky5.pipelines.request import RequestError
+from kandinsky5.runtime.block_offload import TEXT_ENCODER_VISION
+from kandinsky5.sampling.caches import official_ratios
+from kandinsky5.variants import get_variant
+
+EXECUTION = "cpu:0"  # a device distinct from the resting "cpu" (see test_offload.py)
+STEPS = 2
+LATENT_CALL = dict(prompt="A red fox in fresh snow", num_inference_steps=STEPS, output_type="latent")
+# int8 weight-only quantization against full precision (tests/test_quantization.py derives it)
+INT8_RELATIVE_L2 = 2e-2
+
+
+def source_image() -> PIL.Image.Image:
+    pixels = torch.linspace(0, 255, 96 * 64 * 3).reshape(64, 96, 3).to(torch.uint8).numpy()
+    return PIL.Image.fromarray(pixels)
+
+
+def run(pipe, *condition, **overrides):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(*condition, **dict(LATENT_CALL, generator=generator, **overrides)).image
+
+
+@pytest.fixture
+def t2i(reference_t2i_checkpoint):
+    """A text-to-image pipeline of our own (offloading changes it; the shared fixture stays as it is)."""
+    pipe = Kandinsky5T2IPipeline.from_pretrained(reference_t2i_checkpoint[0])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def i2i(reference_i2i_checkpoint):
+    pipe = Kandinsky5I2IPipeline.from_pretrained(reference_i2i_checkpoint[0])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------ offload
+
+
+@pytest.mark.parametrize("method", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_offload_keeps_the_edit(i2i, method):
+    expected = run(i2i, source_image())
+    getattr(i2i, method)(device=EXECUTION)
+    assert torch.equal(run(i2i, source_image()), expected)
+
+
+def test_block_offload_streams_and_keeps_the_vision_tower_on_the_device(i2i):
+    expected = run(i2i, source_image())
+    i2i.enable_block_offload(device=EXECUTION)
+    plan = i2i._offload_plan
+    vision = i2i.text_encoder.get_submodule(TEXT_ENCODER_VISION)
+    resident = {id(m) for m in plan.streams["text_encoder"].resident}
+    assert all(id(m) in resident for m in vision.modules())
+    assert torch.equal(run(i2i, source_image()), expected)
+
+
+def test_block_offload_of_text_to_image_leaves_the_vision_tower_home(t2i):
+    expected = run(t2i)
+    t2i.enable_block_offload(device=EXECUTION)
+    vision = t2i.text_encoder.get_submodule(TEXT_ENCODER_VISION)
+    resident = {id(m) for m in t2i._offload_plan.streams["text_encoder"].resident}
+    assert not any(id(m) in resident for m in vision.modules())
+    assert torch.equal(run(t2i), expected)
+
+
+# ------------------------------------------------------------------ MagCache
+
+
+def test_magcache_with_the_original_text_to_image_ratios(reference_t2i_checkpoint, tmp_path):
+    variant = get_variant("lite-t2i-sft")
+    folder = shutil.copytree(reference_t2i_checkpoint[0], tmp_path / variant.repo_name)
+    pipe = Kandinsky5T2IPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.model_variant is variant
+    steps = dict(num_inference_steps=10)
+    exact = run(pipe, **steps)
+    cache = pipe.enable_magcache(threshold=0.0)  # never skips: the exact path
+    assert torch.equal(run(pipe, **steps), exact) and cache.skipped_calls == 0
+    cache = pipe.enable_magcache(threshold=10.0)  # skips wherever the rule allows
+    approximate = run(pipe, **steps)
+    assert 0 < cache.skipped_calls < cache.total_calls
+    assert torch.isfinite(approximate).all() and not torch.equal(approximate, exact)
+    with pytest.raises(ValueError, match="lite-edit-sft has no official MagCache ratios"):
+        official_ratios(get_variant("lite-edit-sft"))
+
+
+# ------------------------------------------------------------------ LoRA
+
+
+def test_lora_equals_diffusers(t2i, reference_t2i_checkpoint, tmp_path):
+    pytest.importorskip("peft", reason="PEFT makes the test LoRA (pip install -e '.[test]')")
+    from diffusers import Kandinsky5T2IPipeline as DiffusersPipeline
+
+    _, ref = reference_t2i_checkpoint
+    tensors, config = make_peft_lora(ref.transformer, 4, 8, TARGETS_A, seed=13)
+    DiffusersPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=tensors, transformer_lora_adapter_metadata=config.to_dict()
+    )
+    reference = DiffusersPipeline(**dict(ref.components, transformer=copy.deepcopy(ref.transformer)))
+    reference.set_progress_bar_config(disable=True)
+    base = run(t2i)
+    for pipe in (reference, t2i):
+        pipe.load_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", adapter_name="a")
+        pipe.set_adapters("a", 0.7)
+    got = run(t2i)
+    assert_close(got, run(reference), FORWARD_REORDER)
+    assert (got - base).abs().max() > 1e3 * FORWARD_REORDER.bound(base)
+
+
+# ------------------------------------------------------------------ low-bit weights
+
+
+def test_int8_transformer_near_the_exact_image(t2i):
+    pytest.importorskip("torchao")
+    exact = run(t2i)
+    t2i.quantize(transformer="int8")
+    assert relative_l2(run(t2i), exact) < INT8_RELATIVE_L2
+
+
+# ------------------------------------------------------------------ variants and defaults
+
+
+def test_image_variants_and_their_defaults():
+    t2i, edit = get_variant("lite-t2i-sft"), get_variant("kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers")
+    assert get_variant("lite-i2i-sft") is edit and edit.short_name == "lite-edit-sft"
+    for variant in (t2i, edit, get_variant("lite-t2i-pretrain"), get_variant("lite-edit-pretrain")):
+        d = variant.defaults
+        assert (d.num_inference_steps, d.guidance_scale, d.height, d.width, d.num_frames) == (50, 3.5, 1024, 1024, 1)
+        assert d.negative_prompt == "" and variant.makes_images and variant.model_dim == 2560
+    assert t2i.defaults.max_sequence_length == 512 and edit.defaults.max_sequence_length == 1024
+
+
+def test_unknown_image_checkpoint_takes_diffusers_defaults(t2i, monkeypatch):
+    seen = {}
+
+    def spy(request, control):
+        seen.update(
+            steps=request.num_inference_steps, size=(request.height, request.width), scale=request.guidance_scale
+        )
+        seen.update(negative=request.negative_prompt, length=request.max_sequence_length)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(t2i, "_run", spy)
+    with pytest.raises(RuntimeError, match="stop"):
+        t2i(prompt="a fox")
+    assert seen == dict(steps=50, size=(1024, 1024), scale=3.5, negative="", length=512)
+
+
+# ------------------------------------------------------------------ bad input: one line naming the parameter
+
+
+@pytest.mark.parametrize(
+    ("arguments", "parameter"),
+    [
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(height=-8), "height"),
+        (dict(width=1.5), "width"),
+        (dict(max_sequence_length=2000), "max_sequence_length"),
+        (dict(output_type="gif"), "output_type"),
+        (dict(prompt=" "), "prompt"),
+        (dict(generator=[torch.Generator()] * 3), "generator"),
+    ],
+)
+def test_bad_input_names_the_parameter_before_any_work(t2i, monkeypatch, arguments, parameter):
+    monkeypatch.setattr(t2i, "_run", lambda *a: pytest.fail("work started"))
+    with pytest.raises(RequestError) as raised:
+        t2i(**{"prompt": "a fox", **arguments})
+    assert raised.value.parameter == parameter and "\n" not in str(raised.value)
+    assert parameter in str(raised.value)
+
+
+def test_image_models_take_no_video_arguments_and_no_image_for_text_to_image(t2i):
+    with pytest.raises(TypeError):
+        t2i(prompt="a fox", num_frames=5)
+    with pytest.raises(TypeError, match="text-to-image"):
+        t2i(prompt="a fox", image=source_image())
+    with pytest.raises(RequestError, match="expand_prompt"):
+        t2i(prompt="a fox", expand_prompt=True)
+
+
+def test_editing_needs_a_valid_image(i2i, monkeypatch):
+    monkeypatch.setattr(i2i, "_run", lambda *a: pytest.fail("work started"))
+    for image, message in ((None, "required"), ([], "empty"), ("photo.png", "expected a PIL image")):
+        with pytest.raises(RequestError, match=message) as raised:
+            i2i(image, prompt="make it red")
+        assert raised.value.parameter == "image"
+    with pytest.raises(RequestError, match="2 prompts"):
+        i2i([source_image()] * 3, prompt=["a", "b"])
+
+
+def test_editing_takes_the_size_of_the_image_snapped(i2i, monkeypatch, caplog):
+    seen = {}
+    monkeypatch.setattr(i2i, "_run", lambda request, control: seen.update(size=(request.height, request.width)))
+    with caplog.at_level("WARNING"):
+        i2i(source_image(), prompt="make it red")  # 64x96: width / height 1.5, nearest 1280 / 768
+    assert seen["size"] == (768, 1280)
+    assert "not one of the image model's resolutions" in caplog.text
+
+
+def test_an_image_too_large_for_the_sequence_is_refused_in_one_line(i2i):
+    with pytest.raises(ValueError, match="max_sequence_length") as raised:
+        i2i.encode_prompt("make it red", PIL.Image.new("RGB", (2048, 2048)), max_sequence_length=256)
+    assert "\n" not in str(raised.value)
