@@ -2,10 +2,10 @@
 
 One spawn of four processes runs every parallel configuration: Ulysses 4 and Ulysses 2 x CFG 2 in a world of
 four, then (two ranks regrouped into a world of two) Ulysses 2 and CFG 2; each runs text-to-video (dense and
-NABLA) and image-to-video, returning latents; Ulysses 2 x CFG 2 also returns decoded frames and a MagCache run,
-Ulysses 2 a batched-guidance run (a batch of two, sharded). Meanwhile the test process computes the single-process
-runs they must equal. Every rank must return the same latents bit for bit; rank 0's must equal the single-process
-ones within the tolerance derived below. Only rank 0 has tokenizers and text encoders.
+NABLA), image-to-video, text-to-image and image editing, returning latents; Ulysses 2 x CFG 2 also returns decoded
+frames and a MagCache run, Ulysses 2 a batched-guidance run (a batch of two, sharded). Meanwhile the test process
+computes the single-process runs they must equal. Every rank must return the same latents bit for bit; rank 0's must
+equal the single-process ones within the tolerance derived below. Only rank 0 has tokenizers and text encoders.
 
 The tiny test checkpoints have 2 attention heads (model_dim 32, head_dim 16), too few for Ulysses 4: every run here
 (parallel or not) swaps in a transformer of the same configuration with model_dim 64, i.e. 4 heads, random weights
@@ -26,7 +26,13 @@ from conftest import randomize_
 from parallel_helpers import free_port, init_gloo, regroup, start_processes
 from tolerances import FORWARD_REORDER, PIPELINE_BF16_FLIP, assert_close, max_abs_diff
 
-from kandinsky5 import Kandinsky5I2VPipeline, Kandinsky5T2VPipeline, MagCacheConfig
+from kandinsky5 import (
+    Kandinsky5I2IPipeline,
+    Kandinsky5I2VPipeline,
+    Kandinsky5T2IPipeline,
+    Kandinsky5T2VPipeline,
+    MagCacheConfig,
+)
 from kandinsky5.attention import backends
 from kandinsky5.models.dit import Kandinsky5Transformer3DModel
 from kandinsky5.runtime.parallel import ParallelConfig, current_mesh
@@ -41,16 +47,20 @@ DENSE = dict(height=64, width=64, num_frames=9, num_inference_steps=2)
 # (11 frames: 5 either side) leaves blocks out; 7 x 64 = 448 tokens
 NABLA = dict(height=128, width=128, num_frames=25, num_inference_steps=2)
 IMAGE = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+# the image models' smallest sizes are 1024-class: 64x64 tokens (4096, divisible by 2 and 4)
+IMAGE_CALL = dict(height=1024, width=1024, num_inference_steps=2, output_type="latent")
 # (checkpoint, arguments): what each configuration runs; "frames" decodes, "magcache" runs with a step cache
 CASES = {
     "t2v": ("t2v", dict(DENSE, output_type="latent")),
     "t2v-nabla": ("nabla", dict(NABLA, output_type="latent")),
     "i2v": ("i2v", dict(DENSE, image=IMAGE, output_type="latent")),
+    "t2i": ("t2i", IMAGE_CALL),
+    "i2i": ("i2i", dict(IMAGE_CALL, image=IMAGE)),
     "frames": ("t2v", dict(DENSE, output_type="np")),
     "magcache": ("t2v", dict(DENSE, num_inference_steps=6, output_type="latent")),
     "batched": ("t2v", dict(DENSE, output_type="latent")),  # batched guidance: both branches in a batch of 2
 }
-LATENT_CASES = ("t2v", "t2v-nabla", "i2v")
+LATENT_CASES = ("t2v", "t2v-nabla", "i2v", "t2i", "i2i")
 # (ulysses_degree, cfg_degree) -> cases; the first two in a world of 4, the last two in a world of 2
 CONFIGS = {
     (4, 1): LATENT_CASES,
@@ -75,10 +85,13 @@ ULYSSES_BOUND = PIPELINE_BF16_FLIP
 CFG_ONLY_BOUND = FORWARD_REORDER
 
 
+PIPELINES = {"i2v": Kandinsky5I2VPipeline, "t2i": Kandinsky5T2IPipeline, "i2i": Kandinsky5I2IPipeline}
+
+
 def load(kind: str, folder: str, text: dict | None, four_heads: bool = True):
     """Our pipeline of the checkpoint in ``folder``; ``text``: its tokenizers and text encoders given (all ``None``:
     a rank that never encodes text), or ``None`` to load them."""
-    cls = Kandinsky5I2VPipeline if kind == "i2v" else Kandinsky5T2VPipeline
+    cls = PIPELINES.get(kind, Kandinsky5T2VPipeline)
     pipe = cls.from_pretrained(folder, **(text or {}))
     pipe.set_progress_bar_config(disable=True)
     if four_heads:
@@ -96,13 +109,18 @@ def generate(pipe, case: str):
     pipe.batched_guidance = case == "batched"
     try:
         generator = torch.Generator().manual_seed(42)
-        out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, generator=generator, **kwargs).frames
+        out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, generator=generator, **kwargs)
+        out = out.image if kind_of(case).endswith("i") else out.frames
     finally:
         if magcache:
             pipe.transformer.disable_cache()
         pipe.batched_guidance = False
     out = torch.as_tensor(np.asarray(out))
     return (out, list(cache.decisions)) if magcache else out
+
+
+def kind_of(case: str) -> str:
+    return CASES[case][0]
 
 
 def catch(fn) -> str:
@@ -166,12 +184,20 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def parallel_runs(reference_checkpoint, reference_nabla_checkpoint, reference_i2v_checkpoint):
+def parallel_runs(
+    reference_checkpoint,
+    reference_nabla_checkpoint,
+    reference_i2v_checkpoint,
+    reference_t2i_checkpoint,
+    reference_i2i_checkpoint,
+):
     """(the ranks' results, the single-process results per case, the NABLA block maps seen, seconds taken)."""
     folders = {
         "t2v": str(reference_checkpoint[0]),
         "nabla": str(reference_nabla_checkpoint[0]),
         "i2v": str(reference_i2v_checkpoint[0]),
+        "t2i": str(reference_t2i_checkpoint[0]),
+        "i2i": str(reference_i2i_checkpoint[0]),
     }
     start = time.perf_counter()
     processes = start_processes(worker, 4, folders, free_port(), timeout=240)
