@@ -222,3 +222,32 @@ def test_an_image_too_large_for_the_sequence_is_refused_in_one_line(i2i):
     with pytest.raises(ValueError, match="max_sequence_length") as raised:
         i2i.encode_prompt("make it red", PIL.Image.new("RGB", (2048, 2048)), max_sequence_length=256)
     assert "\n" not in str(raised.value)
+
+
+# ------------------------------------------------------------------ run control
+
+
+def test_previews_events_and_cancel(t2i):
+    from kandinsky5 import GenerationCancelled, RunControl
+    from kandinsky5.sampling.control import Phase
+
+    previews, phases = [], []
+    control = RunControl(on_preview=lambda step, frames: previews.append(frames), preview_every=1)
+    control.add_listener(lambda event: phases.append(event.phase))
+    run(t2i, control=control)
+    # one preview per step: uint8 RGB of the latent grid (the 2D VAE linearised), one frame
+    assert len(previews) == STEPS and previews[0].shape == (1, 1, 128, 128, 3) and previews[0].dtype.name == "uint8"
+    assert {Phase.ENCODE_TEXT, Phase.DENOISE} <= set(phases)
+    control = RunControl()
+    control.add_listener(lambda event: control.cancel() if event.phase is Phase.DENOISE else None)
+    with pytest.raises(GenerationCancelled):
+        run(t2i, control=control)
+
+
+def test_a_long_edit_prompt_is_cut_to_fit_with_its_image(i2i, caplog):
+    length = 64
+    with caplog.at_level("WARNING"):
+        embeds, _, cu_seqlens = i2i.encode_prompt("red " * 200, source_image(), max_sequence_length=length)
+    assert "characters were cut" in caplog.text
+    # the prompt was cut, not the image's tokens (transformers would refuse a partial image)
+    assert embeds.shape[1] <= length and int(cu_seqlens[-1]) == embeds.shape[1]
