@@ -104,6 +104,14 @@ def test_magcache_with_the_original_text_to_image_ratios(reference_t2i_checkpoin
         official_ratios(get_variant("lite-edit-sft"))
 
 
+def test_calibration_measures_the_editing_model(i2i):
+    from kandinsky5.sampling.caches import calibrate
+
+    ratios = calibrate(i2i, ["make it red"], 3, image=source_image(), height=1024, width=1024)
+    assert sorted(ratios) == ["condition", "negative"] and all(len(v) == 2 for v in ratios.values())
+    assert all(0 < r < 10 for v in ratios.values() for r in v)
+
+
 # ------------------------------------------------------------------ LoRA
 
 

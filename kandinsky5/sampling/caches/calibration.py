@@ -103,7 +103,7 @@ def calibrate(
 ) -> dict[str, list[float]]:
     """MagCache ratios of ``pipe``'s transformer: one exact generation per prompt (``output_type="latent"``, the
     ``i``-th prompt from ``torch.Generator("cpu").manual_seed(seed + i)``, ``generation``'s other arguments: height,
-    width, num_frames, guidance_scale, ...), their ratios averaged per step.
+    width, num_frames, guidance_scale, the image of image-conditioned models...), their ratios averaged per step.
 
     Returns ``{"condition": [...], "negative": [...]}`` with ``num_inference_steps - 1`` values each (no
     ``"negative"`` without guidance): what ``MagCacheConfig(ratios=..., calibrated_steps=num_inference_steps)``
@@ -124,7 +124,7 @@ def calibrate(
         for index, prompt in enumerate(prompts):
             generated = len(recorder.generations)
             pipe(
-                prompt,
+                prompt=prompt,  # by name: the editing pipelines take the image first
                 num_inference_steps=num_inference_steps,
                 generator=torch.Generator("cpu").manual_seed(seed + index),
                 output_type="latent",
