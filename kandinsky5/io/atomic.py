@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -194,3 +195,29 @@ def signals_held(signals: tuple[signal.Signals, ...] = HELD_SIGNALS) -> Iterator
             signal.signal(signum, handler)
         if received:
             signal.raise_signal(received[0])
+
+
+def check_writable_file(path: str | os.PathLike, example_name: str) -> Path:
+    """Check, before any work, that a file can be written at ``path`` (its suffix checked by the caller); return it
+    as an absolute path. Raises IsADirectoryError, FileNotFoundError (its folder does not exist), NotADirectoryError
+    (its parent is a file) or PermissionError (not writable), each one line naming the path; ``example_name`` (say
+    "a file name ending in .mp4") completes the message for a directory."""
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise IsADirectoryError(f"Output path {os.fspath(path)!r} is a directory; give {example_name}")
+    parent = target.parent
+    if not parent.exists():
+        raise FileNotFoundError(f"Output directory {str(parent)!r} (for {os.fspath(path)!r}) does not exist")
+    if not parent.is_dir():
+        raise NotADirectoryError(f"Output path {os.fspath(path)!r}: {str(parent)!r} is not a directory")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise PermissionError(f"Output file {os.fspath(path)!r} exists and is not writable")
+    # A real probe file, because os.access says yes to root and knows nothing of read-only file systems.
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".kandinsky5-write-check-"):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"Output directory {str(parent)!r} (for {os.fspath(path)!r}) is not writable: {error.strerror}"
+        ) from error
+    return target

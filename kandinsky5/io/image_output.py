@@ -12,13 +12,12 @@ PNG is always lossless (``quality`` does not apply).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 
-from kandinsky5.io.atomic import atomic_path
+from kandinsky5.io.atomic import atomic_path, check_writable_file
 
 # suffix (lower case) -> Pillow's format name
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -100,23 +99,5 @@ def check_image_output_path(path: str | os.PathLike) -> Path:
     Raises ValueError (no image suffix), IsADirectoryError, FileNotFoundError (its folder does not exist),
     NotADirectoryError (its parent is a file) or PermissionError (not writable), each one line naming the path (as
     ``check_output_path`` for videos)."""
-    target = Path(path).expanduser().absolute()
-    image_format(target)
-    if target.is_dir():
-        raise IsADirectoryError(f"Output path {os.fspath(path)!r} is a directory; give a file name ending in .png")
-    parent = target.parent
-    if not parent.exists():
-        raise FileNotFoundError(f"Output directory {str(parent)!r} (for {os.fspath(path)!r}) does not exist")
-    if not parent.is_dir():
-        raise NotADirectoryError(f"Output path {os.fspath(path)!r}: {str(parent)!r} is not a directory")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise PermissionError(f"Output file {os.fspath(path)!r} exists and is not writable")
-    # a real probe file: os.access says yes to root and knows nothing of read-only file systems
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".kandinsky5-write-check-"):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"Output directory {str(parent)!r} (for {os.fspath(path)!r}) is not writable: {error.strerror}"
-        ) from error
-    return target
+    image_format(Path(path))
+    return check_writable_file(path, "a file name ending in .png")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from kandinsky5.io.atomic import atomic_path
+from kandinsky5.io.atomic import atomic_path, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -232,27 +232,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
     does not exist), NotADirectoryError (its parent is a file) or PermissionError (not writable), each with a
     one-line message naming the path.
     """
-    target = Path(path).expanduser().absolute()
-    if target.suffix.lower() != VIDEO_SUFFIX:
+    if Path(path).suffix.lower() != VIDEO_SUFFIX:
         raise ValueError(f"Output path {os.fspath(path)!r} must end in {VIDEO_SUFFIX}")
-    if target.is_dir():
-        raise IsADirectoryError(f"Output path {os.fspath(path)!r} is a directory; give a file name ending in .mp4")
-    parent = target.parent
-    if not parent.exists():
-        raise FileNotFoundError(f"Output directory {str(parent)!r} (for {os.fspath(path)!r}) does not exist")
-    if not parent.is_dir():
-        raise NotADirectoryError(f"Output path {os.fspath(path)!r}: {str(parent)!r} is not a directory")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise PermissionError(f"Output file {os.fspath(path)!r} exists and is not writable")
-    # A real probe file, because os.access says yes to root and knows nothing of read-only file systems.
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".kandinsky5-write-check-"):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"Output directory {str(parent)!r} (for {os.fspath(path)!r}) is not writable: {error.strerror}"
-        ) from error
-    return target
+    return check_writable_file(path, f"a file name ending in {VIDEO_SUFFIX}")
 
 
 def _raw_frames(frames) -> np.ndarray:

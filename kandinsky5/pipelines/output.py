@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -12,35 +12,31 @@ from PIL import Image
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+class PipelineOutput:
+    """diffusers' ``BaseOutput`` access: by field name (``out["frames"]``), by position, or as a tuple."""
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return getattr(self, index)
+        return self.to_tuple()[index]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, field.name) for field in fields(self))
+
+
 @dataclass
-class KandinskyPipelineOutput:
+class KandinskyPipelineOutput(PipelineOutput):
     """``frames``: per video, a list of PIL images (``"pil"``), or an array/tensor ``(batch, frames, ...)``."""
 
     frames: Any
 
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            return getattr(self, index)
-        return self.to_tuple()[index]
-
-    def to_tuple(self) -> tuple:
-        return (self.frames,)
-
 
 @dataclass
-class KandinskyImagePipelineOutput:
+class KandinskyImagePipelineOutput(PipelineOutput):
     """``image``: a list of PIL images (``"pil"``), an array ``(batch, H, W, 3)`` (``"np"``), a tensor
     ``(batch, 3, H, W)`` (``"pt"``), or the latents ``(batch, 1, H/8, W/8, C)`` (``"latent"``)."""
 
     image: Any
-
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            return getattr(self, index)
-        return self.to_tuple()[index]
-
-    def to_tuple(self) -> tuple:
-        return (self.image,)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
