@@ -35,8 +35,8 @@ def _items(image) -> list:
     """The images as a non-empty list of one kind (PIL, numpy or torch)."""
     if image is None:
         raise _invalid(
-            "an input image is required for image-to-video generation (a PIL image, a numpy array, a torch tensor "
-            "or a list of them)"
+            "an input image is required for image-to-video and image editing (a PIL image, a numpy array, a torch "
+            "tensor or a list of them)"
         )
     items = image if isinstance(image, list) else [image]
     if not items:

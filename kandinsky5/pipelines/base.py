@@ -1,5 +1,6 @@
-"""What the text-to-video and image-to-video pipelines share: loading, placement, prompt encoding, latents and
-decoding, and ``__call__`` as a few phases around the sampling loop (``kandinsky5/sampling/loop.py``).
+"""What every pipeline shares (text-to-video, image-to-video, and through ``image.py`` text-to-image and image
+editing): loading, placement, prompt encoding, latents and decoding, and ``__call__`` as a few phases around the
+sampling loop (``kandinsky5/sampling/loop.py``).
 
 Several processes (``torchrun``) share a call after :meth:`Kandinsky5PipelineBase.enable_parallelism`: Ulysses
 sequence parallelism and CFG parallelism (``kandinsky5/runtime/parallel``); every rank returns the same output.
@@ -9,7 +10,7 @@ everything validated before any work), then runs the phases under a per-call
 :class:`~kandinsky5.sampling.control.RunControl` (progress, cancellation, previews). Nothing of a call is kept on
 the pipeline: the properties diffusers' callbacks read (``guidance_scale``, ``num_timesteps``) come from the call
 running in the current thread. A subclass overrides only the conditioning (:meth:`prepare_condition`,
-:meth:`finalize_latents`, ``num_frozen_latent_frames``).
+:meth:`finalize_latents`, ``num_frozen_latent_frames``, :meth:`qwen_images`) and, for images, the output's form.
 """
 
 from __future__ import annotations
