@@ -3,8 +3,9 @@ against a real server (``tests/serve_helpers.py``) with a token, on the tiny ran
 
 From the page: the token is asked for, refused when wrong, then remembered; a short job is submitted, its progress
 bar moves, its video appears in the gallery and plays; a long job is cancelled; a bad size is refused with the
-server's message naming ``size``; the image field appears for an image-to-video model and its file is sent. No
-JavaScript error may occur.
+server's message naming ``size``; the image field appears for an image-to-video model and its file is sent. With
+a text-to-image model: the image form, two images made and shown as ``<img>``; an editing model's page wants the
+image and sends it. No JavaScript error may occur.
 
 Skipped only when Chromium (or Playwright) is missing outside CI; with ``CI=true`` it must run (``.ci/run`` installs
 Chromium). ``KANDINSKY5_SCREENSHOT=docs/serve-page.png`` also saves a screenshot of the page with a finished video
@@ -264,3 +265,84 @@ def test_image_field_follows_the_model(authorised_page, server, tmp_path):
     assert submit(page, "The first frame comes to life", "96x64", steps=2, frames=5) is None
     assert page.get_attribute("#form-error", "data-param") == "input_reference"
     assert "text-to-video" in page.text_content("#form-error")
+
+
+# ---------------------------------------------------------------------------------------------- an image model
+
+IMAGE_SIZES = ["1024x1024", "640x1408", "1408x640", "768x1280", "1280x768", "896x1152", "1152x896"]
+
+
+@pytest.fixture(scope="module")
+def image_server(browser, tmp_path_factory):
+    """A text-to-image server without a token."""
+    from serve_helpers import Server, tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("serve-browser-images")
+    server = Server(tiny_checkpoint(root / "tiny-t2i", task="t2i"), root / "data").start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_image_model_page_makes_and_shows_images(page, image_server):
+    """The image form (the model's sizes, the number of images, no length), a submission of two images, and the
+    finished job in the gallery as two <img> of the size asked for, served by the jobs API."""
+    page.goto(image_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('text-to-image')")
+    assert page.text_content("#create-title") == "New image" and page.text_content("#gallery-title") == "Images"
+    assert page.is_visible("#count") and page.is_hidden("#length") and page.is_hidden("#image-field")
+    options = page.eval_on_selector_all("#size option", "nodes => nodes.map(node => node.value)")
+    assert options == ["", *IMAGE_SIZES]
+
+    page.fill("#prompt", "A red fox in fresh snow")
+    page.select_option("#size", "1408x640")
+    page.fill("#count", "2")
+    page.fill("#steps", "2")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('form-status').dataset.jobId")
+    job_id = page.get_attribute("#form-status", "data-job-id")
+    assert job_id.startswith("image_"), page.text_content("#form-error")
+
+    images = f"{card(job_id, 'completed')} img[data-testid=image]"
+    page.wait_for_function(
+        f"[...document.querySelectorAll('{images}')].filter(i => i.complete && i.naturalWidth).length === 2"
+    )
+    shown = page.eval_on_selector_all(
+        images, "nodes => nodes.map(n => [n.getAttribute('src'), n.naturalWidth, n.naturalHeight])"
+    )
+    assert shown == [[f"v1/videos/{job_id}/content?index={k}", 1408, 640] for k in range(2)]
+    assert "2 images" in page.text_content(f"{card(job_id, 'completed')} [data-testid=params]")
+
+
+def test_editing_model_page_wants_and_sends_the_image(page, image_server, tmp_path):
+    """An editing model (its /v1/models answer rewritten in the browser) gets the image to edit; the page wants one
+    before sending, then sends it to /v1/images/edits: this text-to-image server's refusal names the model."""
+    from serve_helpers import png_bytes
+
+    def editing(route):
+        body = route.fetch().json()
+        for model in body["data"]:
+            model["task"] = "i2i"
+        route.fulfill(json=body)
+
+    page.route("**/v1/models", editing)
+    page.goto(image_server.url + "/")
+    page.wait_for_selector("#image-field:not([hidden])")
+    assert page.text_content("#create-title") == "Edit an image"
+    assert page.text_content("label[for=input-reference]").startswith("Image to edit")
+    assert page.eval_on_selector("#size option", "node => node.textContent") == "From the image"
+
+    page.fill("#prompt", "Make the fox blue")
+    page.click("#submit")
+    page.wait_for_selector("#form-error:not([hidden])")
+    assert page.get_attribute("#form-error", "data-param") == "image"
+
+    image = tmp_path / "source.png"
+    image.write_bytes(png_bytes(96, 64))
+    page.set_input_files("#input-reference", str(image))
+    with page.expect_response("**/v1/images/edits?wait=false") as answer:
+        page.click("#submit")
+    assert answer.value.status == 400
+    page.wait_for_function("document.getElementById('form-error').dataset.param === 'model'")
+    assert "text-to-image" in page.text_content("#form-error")

@@ -811,10 +811,11 @@ def test_the_server_survived_and_wrote_only_its_data_folder(fuzz):
 
     assert file_tree(fuzz.root, skip=(fuzz.server.data_dir, fuzz.server.log_path)) == fuzz.outside_before
     data = fuzz.server.data_dir
-    top = {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm", "jobs.log", "lock", "videos", "previews", "inputs"}
+    folders = {"videos", "images", "previews", "inputs"}
+    top = {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm", "jobs.log", "lock", *folders}
     assert {path.name for path in data.iterdir()} <= top
     job_file = re.compile(r"video_[0-9a-f]{32}\.(mp4|jpg|png)")
-    for folder in ("videos", "previews", "inputs"):
+    for folder in folders:
         for path in (data / folder).rglob("*"):
             assert job_file.fullmatch(path.name), path
     for place in (Path("/tmp"), Path.cwd(), fuzz.root, data.parent.parent):

@@ -1,6 +1,6 @@
-"""``kandinsky5 serve``: an OpenAI-style video API (kandinsky5/serve/app.py) over one pipeline loaded at start, with
-a job queue persisted in ``--data-dir`` (kandinsky5/serve/store.py) and one generation worker
-(kandinsky5/serve/worker.py).
+"""``kandinsky5 serve``: an OpenAI-style video API, or for an image model OpenAI's Images API
+(kandinsky5/serve/app.py), over one pipeline loaded at start, with a job queue persisted in ``--data-dir``
+(kandinsky5/serve/store.py) and one generation worker (kandinsky5/serve/worker.py).
 
 As ``generate`` does, it checks everything it can before loading the model: the address (a host other than the
 loopback needs ``--token`` or ``--insecure-no-token``; the port is bound before loading), the data folder (one
@@ -36,6 +36,8 @@ GENERATE_OPTIONS = ("quality", "attention_backend", "compile", "fuse_qkv", "cach
 GRACEFUL_SHUTDOWN_S = 3
 # stands in for the prompt of the request that plans memory and checks the cache options before loading
 PLACEHOLDER_PROMPT = "(serve)"
+# The seconds POST /v1/images/... waits for its job by default (OpenAI's client gives up after 600).
+DEFAULT_IMAGE_TIMEOUT_S = 600.0
 
 
 def add_serve_parser(sub) -> None:
@@ -45,15 +47,17 @@ def add_serve_parser(sub) -> None:
 
     serve = sub.add_parser(
         "serve",
-        help="serve an OpenAI-style video API (and a web page) with a persisted job queue",
-        description="Loads the model once and generates the jobs submitted to POST /v1/videos one at a time, in "
-        "order; the queue and the videos live in --data-dir and survive a restart. --cache sets the default of a "
+        help="serve an OpenAI-style video or image API (and a web page) with a persisted job queue",
+        description="Loads the model once and generates the jobs submitted to POST /v1/videos (a video model) or "
+        "POST /v1/images/generations and /v1/images/edits (an image model) one at a time, in order; the queue, "
+        "the videos and the images live in --data-dir and survive a restart. --cache sets the default of a "
         "request's `cache` field. Needs the serve extra: pip install 'kandinsky5[serve]'.",
     )
     serve.add_argument(
         "--model",
         required=True,
-        help="short name (see `kandinsky5 models`), hub id or local checkpoint directory; text- or image-to-video",
+        help="short name (see `kandinsky5 models`), hub id or local checkpoint directory; text- or image-to-video, "
+        "text-to-image or image editing",
     )
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
@@ -69,6 +73,14 @@ def add_serve_parser(sub) -> None:
         "--insecure-no-token",
         action="store_true",
         help="allow a host other than the loopback without a token (anyone who reaches it can use it)",
+    )
+    serve.add_argument(
+        "--image-timeout",
+        type=float,
+        default=DEFAULT_IMAGE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long POST /v1/images/... waits for its job before answering 504 (the job goes on; default "
+        f"{DEFAULT_IMAGE_TIMEOUT_S:g})",
     )
     for action in _generate_actions(GENERATE_OPTIONS):
         serve._add_action(action)
@@ -100,6 +112,7 @@ def cmd_serve(args) -> int:
     _check_extra()
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     check_address(args, token)
+    check_image_timeout(args)
     store = open_store(args.data_dir)
     model = resolve_served_model(args)
     default_request = model["request"]
@@ -134,6 +147,7 @@ def cmd_serve(args) -> int:
         cache_threshold=args.cache_threshold,
         cache_ratios=args.cache_ratios,
         model_names=frozenset(model["names"]),
+        image_timeout_s=args.image_timeout,
     )
     hub = EventHub(store)
     worker = Worker(store, pipe, settings, hub, log, device=device, torch_threads=threads)
@@ -230,6 +244,15 @@ def check_address(args, token: str | None) -> None:
         )
 
 
+def check_image_timeout(args) -> None:
+    import math
+
+    from kandinsky5.cli.main import UsageError
+
+    if not (math.isfinite(args.image_timeout) and args.image_timeout > 0):
+        raise UsageError(f"--image-timeout must be a positive number of seconds, got {args.image_timeout}")
+
+
 def open_store(data_dir: str):
     """The job store of ``data_dir`` (created if needed), held by this process."""
     import sqlite3
@@ -249,9 +272,10 @@ def open_store(data_dir: str):
 
 def resolve_served_model(args) -> dict:
     """Everything about ``--model`` and the device checked before loading, as ``generate`` checks it; sets
-    ``args.variant``, ``args.offload`` (``auto`` resolved for the model's default request), ``args.cache_config``
-    (``None``: the worker sets each job's cache) and ``args.no_progress``. Returns the model's id, names, task and
-    fps, the default request (it picks the pipeline class and plans memory), the device and the dtype."""
+    ``args.variant``, ``args.task`` (the pipeline class ``load_pipeline`` loads), ``args.offload`` (``auto``
+    resolved for the model's default request), ``args.cache_config`` (``None``: the worker sets each job's cache)
+    and ``args.no_progress``. Returns the model's id, names, task and fps, the default request (it plans memory),
+    the device and the dtype."""
     from pathlib import Path
 
     import PIL.Image
@@ -268,7 +292,6 @@ def resolve_served_model(args) -> dict:
     )
     from kandinsky5.cli.plan import resolve_generate_offload
     from kandinsky5.pipelines.request import GenerationRequest, ModelFacts, RequestError
-    from kandinsky5.variants import Task
 
     args.variant, checkpoint = _resolve_model(args)
     task, nabla = _task_and_attention(args.variant, checkpoint)
@@ -278,17 +301,19 @@ def resolve_served_model(args) -> dict:
         checkpoint = resolve_checkpoint(args.model)
         task, nabla = _task_and_attention(None, checkpoint)
     if task is None:
-        raise UsageError(f"--model: {args.model}'s model_index.json names no Kandinsky 5 video pipeline")
+        raise UsageError(f"--model: {args.model}'s model_index.json names no Kandinsky 5 pipeline")
+    args.task = task
     if not 0 <= args.quality <= 10:
         raise UsageError(f"--quality must be within 0..10, got {args.quality}")
     device, dtype = _device_and_dtype(args)
     _check_runtime_options(args, device)
     check_quantize_options(args, device, dtype)
-    image_to_video = task is Task.IMAGE_TO_VIDEO
     facts = ModelFacts(variant=args.variant, nabla=nabla, task=task)
-    image = PIL.Image.new("RGB", (64, 64)) if image_to_video else None
+    image = PIL.Image.new("RGB", (64, 64)) if task.takes_image else None
+    # an image is one frame; an editing model's default size is its square one (the placeholder's shape)
+    frames = {"num_frames": 1} if task.makes_images else {}
     try:
-        request = GenerationRequest.build(facts, prompt=PLACEHOLDER_PROMPT, image=image, output_type="np")
+        request = GenerationRequest.build(facts, prompt=PLACEHOLDER_PROMPT, image=image, output_type="np", **frames)
     except RequestError as err:
         raise UsageError(f"--model: the model's default request is invalid ({err})") from err
     # the --cache options, checked: the default cache works for the model's default request; --cache-threshold

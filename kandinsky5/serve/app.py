@@ -1,13 +1,21 @@
-"""The HTTP API of ``kandinsky5 serve`` (FastAPI): OpenAI-style video jobs over the job store and the worker.
+"""The HTTP API of ``kandinsky5 serve`` (FastAPI): OpenAI-style video and image jobs over the job store and the
+worker.
 
 Routes (``/v1`` ones need the token when the server has one: ``Authorization: Bearer TOKEN``, or the cookie
 ``kandinsky5_token``, which browsers send with ``EventSource`` and ``<video>`` requests that cannot carry a header):
 
-- ``POST /v1/videos``: JSON or a multipart form (the image as the file ``input_reference``); validated by building
-  the same ``GenerationRequest`` as the command line before anything is queued; the job object.
+- ``POST /v1/videos`` (a video model): JSON or a multipart form (the image as the file ``input_reference``);
+  validated by building the same ``GenerationRequest`` as the command line before anything is queued; the job
+  object.
+- ``POST /v1/images/generations`` (a text-to-image model; JSON or a form) and ``POST /v1/images/edits`` (an editing
+  model; a multipart form with the file ``image``): OpenAI's Images API. Validated the same way and queued as a
+  job like any other (listed, streamed, cancelled by the routes below), then the request waits for it (at most
+  ``--image-timeout`` seconds, then 504; the job goes on) and answers OpenAI's ``{"created", "data": [{"url"} |
+  {"b64_json"}]}`` (with the job's ``id`` and ``size``). ``?wait=false`` answers the job object at once (202).
 - ``GET /v1/videos``: ``limit`` (1..100, default 20), ``after`` (an id: the page after it), ``order`` (``desc``,
   newest first, or ``asc``); ``{"object": "list", "data", "has_more", "first_id", "last_id"}``.
-- ``GET /v1/videos/{id}``; ``/content`` (``video/mp4``, byte ranges); ``/preview`` (JPEG); ``/events``
+- ``GET /v1/videos/{id}`` (any job); ``/content`` (``video/mp4``, byte ranges; an image job's PNG number
+  ``?index=k``, from 0); ``/preview`` (JPEG); ``/events``
   (server-sent events: ``progress``, ``preview``, ``status``; the stream ends after a final status).
 - ``DELETE /v1/videos/{id}``: a queued or running job is cancelled (its status becomes ``cancelled``) and its
   files removed; a finished one (completed, failed, cancelled) is removed altogether (then 404).
@@ -40,8 +48,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from kandinsky5.serve import schemas
-from kandinsky5.serve.schemas import SERVER_ERROR, VideoCreateParams, error_body, video_object
-from kandinsky5.serve.store import CANCELLED, Job, JobStore, new_job_id, valid_job_id
+from kandinsky5.serve.schemas import (
+    MAX_IMAGES,
+    SERVER_ERROR,
+    ImageCreateParams,
+    VideoCreateParams,
+    content_url,
+    error_body,
+    video_object,
+)
+from kandinsky5.serve.store import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    ID_PREFIX,
+    IMAGE_ID_PREFIX,
+    Job,
+    JobStore,
+    new_job_id,
+    valid_job_id,
+)
 from kandinsky5.serve.worker import (
     END_OF_STREAM,
     EventHub,
@@ -63,6 +89,19 @@ EVENTS_KEEPALIVE_S = 15.0
 DEFAULT_SEED_BOUND = 2**31
 # create-request fields -> the GenerationRequest parameters that the request checks name
 PARAMETER_OF_FIELD = {"size": ("height", "width"), "input_reference": ("image",)}
+IMAGE_PARAMETER_OF_FIELD = {"size": ("height", "width"), "image": ("image",), "n": ("num_videos_per_prompt",)}
+# the image file of an edit request (OpenAI's SDK sends "image[]" for a list of images; one is taken)
+EDIT_FILE_FIELDS = ("image", "image[]")
+TASK_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video", "t2i": "text-to-image", "i2i": "image-editing"}
+# the create route of each task
+CREATE_ROUTES = {
+    "t2v": "POST /v1/videos",
+    "i2v": "POST /v1/videos (with the first frame as the file input_reference)",
+    "t2i": "POST /v1/images/generations",
+    "i2i": "POST /v1/images/edits (with the image as the file image)",
+}
+# A waiting image request looks at its job this often even without an event (and sees a client that went away).
+IMAGE_WAIT_POLL_S = 1.0
 LOOPBACK_NAMES = frozenset({"localhost"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -74,11 +113,12 @@ SIZE_NUMBER = re.compile(r"[0-9]{1,6}")
 class ApiError(Exception):
     """An error answered as ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = schemas.INVALID_REQUEST):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.kind = kind
 
 
 def is_loopback(host: str) -> bool:
@@ -206,10 +246,74 @@ def create_app(
 
     @router.post("/videos", response_model=schemas.Video)
     async def create_video(request: Request):
+        check_endpoint(settings, ("t2v", "i2v"))
         fields, image_bytes = await read_create_body(request)
         job = await run_in_threadpool(submit, settings, store, fields, image_bytes)
         worker.wake()
         return JSONResponse(as_object(job))
+
+    async def create_images(request: Request, wait: bool, editing: bool):
+        check_endpoint(settings, ("i2i",) if editing else ("t2i",))
+        file_fields = EDIT_FILE_FIELDS if editing else ()
+        fields, image_bytes = await read_create_body(request, file_fields)
+        if editing and image_bytes is None:
+            raise ApiError(
+                400, "image: upload the image to edit as the file image (a multipart/form-data body)", "image"
+            )
+        job, response_format = await run_in_threadpool(submit_images, settings, store, fields, image_bytes)
+        worker.wake()
+        if not wait:
+            return JSONResponse(as_object(job), status_code=202)
+        job = await wait_for_images(request, job.id)
+        return JSONResponse(await run_in_threadpool(images_response, store, job, response_format, request))
+
+    @router.post("/images/generations", response_model=schemas.ImagesResponse)
+    async def create_image(request: Request, wait: bool = True):
+        return await create_images(request, wait, editing=False)
+
+    @router.post("/images/edits", response_model=schemas.ImagesResponse)
+    async def edit_image(request: Request, wait: bool = True):
+        return await create_images(request, wait, editing=True)
+
+    async def wait_for_images(request: Request, job_id: str) -> Job:
+        """The job once it has finished: completed (else an :class:`ApiError`: failed 500, cancelled or deleted
+        410, still running after ``settings.image_timeout_s`` 504, the server stopping 503)."""
+        subscription = hub.subscribe(job_id)  # before the first read: a status event between them is not missed
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.image_timeout_s
+        try:
+            while True:
+                job = store.get(job_id)
+                if job is None or job.status == CANCELLED:
+                    raise ApiError(410, f"image job {job_id} was cancelled before it completed")
+                if job.status == COMPLETED:
+                    return job
+                if job.status == FAILED:
+                    raise ApiError(500, f"image job {job_id} failed: {job.error}", kind=SERVER_ERROR)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    position = store.queue_position(job)
+                    where = f"queued (position {position})" if position is not None else "running"
+                    raise ApiError(
+                        504,
+                        f"image job {job_id} is still {where} after {settings.image_timeout_s:g} s; it goes on: "
+                        f"GET /v1/videos/{job_id} until it is completed, then its outputs",
+                        kind=SERVER_ERROR,
+                    )
+                try:
+                    event, _ = await asyncio.wait_for(subscription.get(), min(IMAGE_WAIT_POLL_S, remaining))
+                except TimeoutError:
+                    if await request.is_disconnected():  # no one to answer; the job goes on
+                        raise ApiError(400, "the client went away") from None
+                    continue
+                if event == END_OF_STREAM:
+                    raise ApiError(
+                        503,
+                        f"the server is stopping; image job {job_id} stays queued and runs at its next start",
+                        kind=SERVER_ERROR,
+                    )
+        finally:
+            subscription.close()
 
     # The quick reads (a job, a page of the list, the event stream's) run in the event loop itself: an SQLite
     # read in WAL mode takes well under a millisecond and never waits for the worker's writes, and a hop to the
@@ -241,11 +345,17 @@ def create_app(
         return JSONResponse(as_object(job_or_404(video_id)))
 
     @router.get("/videos/{video_id}/content", response_class=FileResponse)
-    def get_content(video_id: str):
+    def get_content(video_id: str, index: int = Query(0, ge=0, lt=MAX_IMAGES)):
         job = job_or_404(video_id)
-        path = store.video_path(job.id)
+        if index >= (job.num_outputs if job.makes_images else 1):
+            raise ApiError(404, f"index: {job.id} has no output {index} (it has {job.num_outputs})", "index")
+        path = store.output_paths(job)[index]
         if job.status != "completed" or not path.is_file():
             raise ApiError(404, f"video {job.id} has no content: it is {job.status}", "video_id")
+        if job.makes_images:
+            return FileResponse(
+                path, media_type="image/png", filename=f"{job.id}-{index}.png", content_disposition_type="inline"
+            )
         return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4", content_disposition_type="inline")
 
     @router.get("/videos/{video_id}/preview")
@@ -275,12 +385,16 @@ def create_app(
         elif not store.delete(job.id):
             raise ApiError(404, f"no video with id {video_id!r}", "video_id")  # deleted meanwhile
         store.remove_files(job.id)
-        return JSONResponse(schemas.VideoDeleted(id=job.id).model_dump())
+        deleted = "image.deleted" if job.makes_images else "video.deleted"
+        return JSONResponse(schemas.VideoDeleted(id=job.id, object=deleted).model_dump())
 
     @router.get("/models", response_model=schemas.ModelList)
     async def list_models():
         model = schemas.ModelObject(id=settings.model_id, task=settings.task)
-        return JSONResponse(schemas.ModelList(data=[model]).model_dump())
+        if settings.makes_images:
+            model.sizes = [f"{size.width}x{size.height}" for size in image_sizes()]
+            model.max_images = MAX_IMAGES
+        return JSONResponse(schemas.ModelList(data=[model]).model_dump(exclude_none=True))
 
     app.include_router(router)
 
@@ -309,7 +423,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(error_body(err.message, err.param), status_code=err.status, headers=headers)
+        return JSONResponse(error_body(err.message, err.param, err.kind), status_code=err.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -345,8 +459,11 @@ def first_error(errors) -> tuple[str | None, str]:
 # ---------------------------------------------------------------------------------------------- creating a job
 
 
-async def read_create_body(request: Request) -> tuple[dict, bytes | None]:
-    """The fields of a create request and its image's bytes (``None``: none), from JSON or a form."""
+async def read_create_body(
+    request: Request, file_fields: tuple[str, ...] = ("input_reference",)
+) -> tuple[dict, bytes | None]:
+    """The fields of a create request and its image's bytes (``None``: none), from JSON or a form; the image
+    comes as a file of a form, under one of ``file_fields`` (none: no file may come)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         try:
@@ -357,35 +474,55 @@ async def read_create_body(request: Request) -> tuple[dict, bytes | None]:
             raise ApiError(400, f"the body is not valid JSON ({' '.join(str(err).split())[:200]})") from err
         if not isinstance(fields, dict):
             raise ApiError(400, "the body must be a JSON object")
-        if "input_reference" in fields:
-            raise ApiError(
-                400, "input_reference: send the image as a file in a multipart/form-data body", "input_reference"
-            )
+        for name in file_fields:
+            if name in fields:
+                raise ApiError(400, f"{name}: send the image as a file in a multipart/form-data body", name)
         return fields, None
     if content_type not in FORM_TYPES:
         raise ApiError(400, "the body must be application/json or multipart/form-data")
-    form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+    # an edit may carry two files: the image, and a mask that is refused by name
+    form = await request.form(max_files=max(1, len(file_fields)), max_fields=MAX_FORM_FIELDS)
     fields: dict = {}
     image_bytes = None
     for name, value in form.multi_items():
-        if name in fields or (name == "input_reference" and image_bytes is not None):
-            raise ApiError(400, f"{name}: given more than once", name)
+        if name in fields or (name in file_fields and image_bytes is not None):
+            given = file_fields[0] if name in file_fields else name
+            raise ApiError(400, f"{given}: given more than once", given)
         if isinstance(value, UploadFile):
-            if name != "input_reference":
-                raise ApiError(400, f"{name}: only input_reference may be a file", name)
+            if name == "mask" and file_fields == EDIT_FILE_FIELDS:
+                raise ApiError(400, "mask: masks are not supported (the model edits the whole image)", "mask")
+            if name not in file_fields:
+                allowed = f"only {file_fields[0]} may be a file" if file_fields else "no file is taken here"
+                raise ApiError(400, f"{name}: {allowed}", name)
             image_bytes = await value.read()
-        elif name == "input_reference":
-            raise ApiError(400, "input_reference: must be an uploaded image file", "input_reference")
+        elif name in file_fields:
+            raise ApiError(400, f"{file_fields[0]}: must be an uploaded image file", file_fields[0])
         else:
             fields[name] = value
     await form.close()
     return fields, image_bytes
 
 
+def check_endpoint(settings: ServeSettings, tasks: tuple[str, ...]) -> None:
+    """A create route of ``tasks`` on a model of another task: 400 naming ``model`` and the route to use."""
+    if settings.task not in tasks:
+        name = TASK_NAMES[settings.task]
+        article = "an" if name[0] in "aeiou" else "a"
+        raise ApiError(
+            400,
+            f"model: {settings.model_id} is {article} {name} model: create with {CREATE_ROUTES[settings.task]}",
+            "model",
+        )
+
+
 def submit(settings: ServeSettings, store: JobStore, fields: dict, image_bytes: bytes | None) -> Job:
     """Validate a create request and queue it (see :func:`validate`); the new job."""
     values, image = validate(settings, fields, image_bytes)
-    job_id = new_job_id()
+    return queue(settings, store, new_job_id(ID_PREFIX), values, image)
+
+
+def queue(settings: ServeSettings, store: JobStore, job_id: str, values: dict, image) -> Job:
+    """Insert a validated job (its input image saved first); the new job."""
     input_path = None
     if image is not None:
         from kandinsky5.io.atomic import atomic_path
@@ -417,7 +554,7 @@ def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
         raise ApiError(400, f"model: this server serves {settings.model_id}, not {params.model!r}", "model")
     if params.seconds is not None and params.num_frames is not None:
         raise ApiError(400, "seconds: give seconds or num_frames, not both", "seconds")
-    image = decode_image(image_bytes) if image_bytes is not None else None
+    image = decode_image(image_bytes, "input_reference") if image_bytes is not None else None
     if image is not None and not settings.image_to_video:
         raise ApiError(
             400,
@@ -488,6 +625,109 @@ def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
     return values, image
 
 
+def submit_images(settings: ServeSettings, store: JobStore, fields: dict, image_bytes: bytes | None) -> tuple[Job, str]:
+    """Validate an image request (see :func:`validate_images`) and queue it; the new job and the response format
+    asked for."""
+    values, image, response_format = validate_images(settings, fields, image_bytes)
+    return queue(settings, store, new_job_id(IMAGE_ID_PREFIX), values, image), response_format
+
+
+def validate_images(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
+    """The stored values of an image request (generation, or editing with the uploaded image), its image and its
+    ``response_format``, checked by building the request with ``GenerationRequest.build`` on the model's facts. A
+    ``size`` must be one of the model's sizes (absent or ``auto``: the model's default, for editing the image's
+    shape). Raises :class:`ApiError` (400) naming the field."""
+    from kandinsky5.cli.main import MAX_SEED, UsageError
+    from kandinsky5.pipelines.image import IMAGE_FRAMES
+    from kandinsky5.pipelines.request import RequestError
+
+    try:
+        params = ImageCreateParams.model_validate(fields)
+    except ValidationError as err:
+        param, message = first_error(err.errors())
+        raise ApiError(400, message, param) from err
+    if params.model is not None and params.model.lower() not in settings.model_names:
+        raise ApiError(400, f"model: this server serves {settings.model_id}, not {params.model!r}", "model")
+    image = decode_image(image_bytes, "image") if image_bytes is not None else None
+    width = height = None
+    if params.size is not None and params.size.strip().lower() != "auto":
+        width, height = parse_size(params.size)
+        sizes = image_sizes()
+        if (width, height) not in {(size.width, size.height) for size in sizes}:
+            names = ", ".join(f"{size.width}x{size.height}" for size in sizes)
+            raise ApiError(400, f"size: {width}x{height} is not one of this model's sizes ({names}) nor auto", "size")
+    seed = params.seed
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"seed: must be within 0..{MAX_SEED}, got {seed}", "seed")
+    if seed is None:
+        seed = secrets.randbelow(DEFAULT_SEED_BOUND)
+    count = params.n or 1
+    try:
+        request = generation_request(
+            settings,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            height=height,
+            width=width,
+            num_frames=IMAGE_FRAMES,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            image=image,
+            num_videos_per_prompt=count,
+        )
+    except RequestError as err:
+        field = next((f for f, names in IMAGE_PARAMETER_OF_FIELD.items() if err.parameter in names), err.parameter)
+        raise ApiError(400, f"{field}: {err}", field) from err
+    cache = params.cache or settings.default_cache
+    try:
+        step_cache_config(settings, cache, request)
+    except UsageError as err:
+        reason = str(err).removeprefix("--cache magcache: ")
+        raise ApiError(400, f"cache: {cache} is not available here ({reason})", "cache") from err
+    values = dict(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=request.width,
+        height=request.height,
+        num_frames=IMAGE_FRAMES,
+        fps=settings.fps,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        seed=seed,
+        mode=settings.task,
+        cache=cache,
+        expand_prompt=False,
+        num_outputs=count,
+    )
+    return values, image, params.response_format
+
+
+def images_response(store: JobStore, job: Job, response_format: str, request: Request) -> dict:
+    """OpenAI's answer for a completed image job: each image's URL (absolute, on this server) or its PNG in
+    base64."""
+    import base64
+
+    if response_format == "b64_json":
+        try:
+            images = [path.read_bytes() for path in store.output_paths(job)]
+        except FileNotFoundError:  # deleted since it completed
+            raise ApiError(410, f"image job {job.id} was deleted after it completed") from None
+        data = [{"b64_json": base64.b64encode(image).decode("ascii")} for image in images]
+    else:
+        base = str(request.base_url).rstrip("/")
+        data = [{"url": base + content_url(job, index)} for index in range(job.num_outputs)]
+    return schemas.ImagesResponse(
+        created=job.created_at, data=data, id=job.id, size=f"{job.width}x{job.height}"
+    ).model_dump(exclude_none=True)
+
+
+def image_sizes():
+    """The image models' sizes (``kandinsky5.resolutions.IMAGE_RESOLUTIONS``: height, width)."""
+    from kandinsky5.resolutions import IMAGE_RESOLUTIONS
+
+    return IMAGE_RESOLUTIONS
+
+
 def field_of_parameter(parameter: str, params: VideoCreateParams) -> str:
     """The create-request field a ``RequestError`` parameter comes from."""
     if parameter == "num_frames" and params.seconds is not None:
@@ -507,9 +747,9 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def decode_image(data: bytes):
+def decode_image(data: bytes, param: str):
     """The uploaded image, decoded and checked (at most ``MAX_IMAGE_PIXELS``, counted before decoding), as RGB
-    with its EXIF orientation applied. Raises :class:`ApiError` naming ``input_reference``."""
+    with its EXIF orientation applied. Raises :class:`ApiError` naming ``param`` (the file's field)."""
     import warnings
 
     import PIL.Image
@@ -518,7 +758,7 @@ def decode_image(data: bytes):
     from kandinsky5.io.preprocess import MAX_IMAGE_PIXELS
 
     if not data:
-        raise ApiError(400, "input_reference: the uploaded file is empty", "input_reference")
+        raise ApiError(400, f"{param}: the uploaded file is empty", param)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
@@ -527,21 +767,19 @@ def decode_image(data: bytes):
             if width * height > MAX_IMAGE_PIXELS:
                 raise ApiError(
                     400,
-                    f"input_reference: an image of {width * height:,} pixels is too large (at most "
+                    f"{param}: an image of {width * height:,} pixels is too large (at most "
                     f"{MAX_IMAGE_PIXELS:,}); downscale it first",
-                    "input_reference",
+                    param,
                 )
             image.load()
             return load_image(image)
     except ApiError:
         raise
     except PIL.UnidentifiedImageError as err:
-        raise ApiError(400, "input_reference: not an image (no format PIL reads)", "input_reference") from err
+        raise ApiError(400, f"{param}: not an image (no format PIL reads)", param) from err
     except Exception as err:  # PIL raises many kinds for broken files
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        raise ApiError(
-            400, f"input_reference: not an image this server can read ({reason})", "input_reference"
-        ) from err
+        raise ApiError(400, f"{param}: not an image this server can read ({reason})", param) from err
 
 
 # ---------------------------------------------------------------------------------------------- events

@@ -1,7 +1,8 @@
-"""The API's request and response bodies (pydantic), in the shapes of OpenAI's video API where it has one.
+"""The API's request and response bodies (pydantic), in the shapes of OpenAI's video and image APIs where they have
+one.
 
-The job object (:class:`Video`) is built from a stored job by :func:`video_object`; errors have OpenAI's shape
-``{"error": {"message", "type", "param"}}`` (:func:`error_body`).
+The job object (:class:`Video`, also for image jobs: ``"object": "image"``) is built from a stored job by
+:func:`video_object`; errors have OpenAI's shape ``{"error": {"message", "type", "param"}}`` (:func:`error_body`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kandinsky5.serve.store import Job
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
-Mode = Literal["t2v", "i2v"]
+Mode = Literal["t2v", "i2v", "t2i", "i2i"]
 CacheMode = Literal["none", "magcache"]
+ResponseFormat = Literal["url", "b64_json"]
 # The fields of a create request that take numbers (a JSON true is no number, although pydantic would take it).
 NUMBER_FIELDS = ("seconds", "num_frames", "seed", "num_inference_steps", "guidance_scale")
 # The fields of a create request that take text (JSON's "\ud800" decodes to a lone surrogate, which is no Unicode:
@@ -23,8 +25,21 @@ TEXT_FIELDS = ("prompt", "negative_prompt", "size", "model")
 # The most steps a job may ask for (the models' defaults are 16 to 50): its timesteps fit in memory and its number
 # in SQLite (2**63 was a 500; 10**10 would allocate 80 GB of timesteps in the worker).
 MAX_INFERENCE_STEPS = 100_000
+# The most images one image request may ask for (``n``; OpenAI's API allows 10): a tiny batch costs a big model
+# n times the memory of one image.
+MAX_IMAGES = 4
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
+
+
+def valid_unicode(value):
+    """``value``, unless it is text with a lone surrogate (JSON's ``"\\ud800"``): ``ValueError``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode (it has a lone surrogate such as \\ud800)") from None
+    return value
 
 
 class VideoCreateParams(BaseModel):
@@ -57,12 +72,60 @@ class VideoCreateParams(BaseModel):
     @field_validator(*TEXT_FIELDS)
     @classmethod
     def _valid_unicode(cls, value):
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("not valid Unicode (it has a lone surrogate such as \\ud800)") from None
+        return valid_unicode(value)
+
+
+class ImageCreateParams(BaseModel):
+    """``POST /v1/images/generations`` (JSON, or a form) and the fields of ``POST /v1/images/edits`` (a multipart
+    form whose file ``image`` is the source image): OpenAI's ``prompt``, ``n``, ``size`` (``WIDTHxHEIGHT`` or
+    ``auto``), ``response_format``, ``model``, ``user`` (ignored) and ``output_format`` (``png`` only); and the
+    video API's ``negative_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``cache``. Values left
+    out take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    n: int | None = Field(None, ge=1, le=MAX_IMAGES)
+    size: str | None = None
+    response_format: ResponseFormat = "url"
+    model: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = Field(None, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = None
+    cache: CacheMode | None = None
+    output_format: Literal["png"] = "png"
+    user: str | None = None
+
+    @field_validator("n", "seed", "num_inference_steps", "guidance_scale", mode="before")
+    @classmethod
+    def _no_booleans(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
         return value
+
+    @field_validator("prompt", "negative_prompt", "size", "model", "user")
+    @classmethod
+    def _valid_unicode(cls, value):
+        return valid_unicode(value)
+
+
+class ImageData(BaseModel):
+    """One image of an answer: its URL (``response_format: "url"``) or its PNG in base64."""
+
+    url: str | None = None
+    b64_json: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """The answer to ``POST /v1/images/generations`` and ``/edits`` (OpenAI's shape; ``id`` names the job, whose
+    images stay at the URLs of the jobs API)."""
+
+    created: int
+    data: list[ImageData]
+    id: str
+    size: str
+    output_format: Literal["png"] = "png"
 
 
 class VideoError(BaseModel):
@@ -70,10 +133,11 @@ class VideoError(BaseModel):
 
 
 class Video(BaseModel):
-    """A job: ``GET /v1/videos/{id}``, and the answer to ``POST /v1/videos``."""
+    """A job: ``GET /v1/videos/{id}``, and the answer to ``POST /v1/videos``. An image job's object is
+    ``"image"``, its ``n`` the number of its images; ``outputs``: the URLs of a completed job's video or images."""
 
     id: str
-    object: Literal["video"] = "video"
+    object: Literal["video", "image"] = "video"
     model: str
     status: Status
     progress: int
@@ -90,6 +154,8 @@ class Video(BaseModel):
     expand_prompt: bool
     mode: Mode
     queue_position: int | None
+    n: int = 1
+    outputs: list[str] | None = None
 
 
 class VideoList(BaseModel):
@@ -102,14 +168,19 @@ class VideoList(BaseModel):
 
 class VideoDeleted(BaseModel):
     id: str
-    object: Literal["video.deleted"] = "video.deleted"
+    object: Literal["video.deleted", "image.deleted"] = "video.deleted"
     deleted: bool = True
 
 
 class ModelObject(BaseModel):
+    """The served model; an image model also lists its sizes (``WIDTHxHEIGHT``) and the most images a request
+    may ask for."""
+
     id: str
     object: Literal["model"] = "model"
     task: Mode
+    sizes: list[str] | None = None
+    max_images: int | None = None
 
 
 class ModelList(BaseModel):
@@ -133,10 +204,20 @@ def seconds_text(num_frames: int, fps: int) -> str:
     return f"{(num_frames - 1) / fps:g}"
 
 
+def content_url(job: Job, index: int = 0) -> str:
+    """The path of a job's video, or of its ``index``-th image."""
+    path = f"/v1/videos/{job.id}/content"
+    return f"{path}?index={index}" if job.makes_images else path
+
+
 def video_object(job: Job, queue_position: int | None) -> dict:
     """The job object of ``job`` (a JSON-ready dict)."""
+    outputs = None
+    if job.status == "completed":
+        outputs = [content_url(job, index) for index in range(job.num_outputs if job.makes_images else 1)]
     return Video(
         id=job.id,
+        object="image" if job.makes_images else "video",
         model=job.model,
         status=job.status,
         progress=job.progress,
@@ -153,6 +234,8 @@ def video_object(job: Job, queue_position: int | None) -> dict:
         expand_prompt=job.expand_prompt,
         mode=job.mode,
         queue_position=queue_position,
+        n=job.num_outputs,
+        outputs=outputs,
     ).model_dump()
 
 

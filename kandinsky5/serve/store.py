@@ -7,17 +7,24 @@ Layout of a data folder::
     jobs.log               one line per job start, end and recovery (kandinsky5/serve/worker.py)
     lock                   held (flock) by the one server that uses the folder
     videos/<id>.mp4        the finished video, written under a temporary name and renamed when complete
+    images/<id>-<k>.png    the finished images of an image job (k = 0 .. n-1), each renamed into place
     previews/<id>.jpg      the latest preview frame of a running job (also renamed into place)
-    inputs/<id>.png        the first frame of an image-to-video job
+    inputs/<id>.png        the first frame of an image-to-video job, the source image of an editing job
+
+Video jobs have ids ``video_<32 hex digits>``, image jobs (text-to-image, editing) ``image_<32 hex digits>``; the
+job's ``mode`` is its task (``t2v``, ``i2v``, ``t2i``, ``i2i``) and ``num_outputs`` its number of images (1 for a
+video). Columns added after a data folder was made are added to its table when it is opened
+(:data:`ADDED_COLUMNS`), so an older folder keeps working.
 
 Every state change is one short transaction guarded by the state it expects (``... WHERE status = 'in_progress'``),
 so a cancellation racing the worker's completion resolves one way or the other, never both. A connection per
 thread (``threading.local``): the worker thread, the event loop and each request thread have their own.
 
 Crash recovery (:meth:`JobStore.recover`, at start): a job left ``in_progress`` by a server that died is marked
-``completed`` if its MP4 is at its final path (the rename is the last step of writing it, so a file there is
-complete), else queued again with ``attempts + 1``, or failed once it was interrupted ``MAX_ATTEMPTS`` times (a job
-that kills the server is not retried forever). A completed job is never run again.
+``completed`` if its MP4 (or every one of its PNGs) is at its final path (the rename is the last step of writing
+it, so a file there is complete), else queued again with ``attempts + 1`` (the images it wrote removed), or failed
+once it was interrupted ``MAX_ATTEMPTS`` times (a job that kills the server is not retried forever). A completed job
+is never run again.
 """
 
 from __future__ import annotations
@@ -45,13 +52,19 @@ FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
 # fails instead of being queued again.
 MAX_ATTEMPTS = 3
 ID_PREFIX = "video_"
-ID_PATTERN = re.compile(r"^video_[0-9a-f]{32}$")
+IMAGE_ID_PREFIX = "image_"
+ID_PATTERN = re.compile(r"^(video|image)_[0-9a-f]{32}$")
+# the tasks whose jobs make images (kandinsky5.variants.Task's values)
+IMAGE_MODES = frozenset({"t2i", "i2i"})
 DATABASE_FILE = "jobs.sqlite3"
 LOCK_FILE = "lock"
 VIDEOS_DIR = "videos"
+IMAGES_DIR = "images"
 PREVIEWS_DIR = "previews"
 INPUTS_DIR = "inputs"
+JOB_FOLDERS = (VIDEOS_DIR, IMAGES_DIR, PREVIEWS_DIR, INPUTS_DIR)
 VIDEO_SUFFIX = ".mp4"
+IMAGE_SUFFIX = ".png"
 PREVIEW_SUFFIX = ".jpg"
 INPUT_SUFFIX = ".png"
 # Milliseconds a connection waits for another's write lock before giving up (writes take microseconds).
@@ -85,23 +98,33 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_path TEXT,
     phase TEXT,
     step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER NOT NULL DEFAULT 0
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    num_outputs INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 """
+# Columns a table made by an earlier version lacks: added (with their defaults) when the store opens it.
+ADDED_COLUMNS = {"num_outputs": "INTEGER NOT NULL DEFAULT 1"}
 
 
 class DataDirInUse(RuntimeError):
     """Another server holds the data folder's lock."""
 
 
-def new_job_id() -> str:
-    return ID_PREFIX + secrets.token_hex(16)
+def new_job_id(prefix: str = ID_PREFIX) -> str:
+    """A new id: ``prefix`` (``video_`` or ``image_``) and 32 random hex digits."""
+    return prefix + secrets.token_hex(16)
 
 
 def valid_job_id(job_id: str) -> bool:
-    """Whether ``job_id`` has the form of our ids (``video_`` and 32 hex digits): only such ids become paths."""
+    """Whether ``job_id`` has the form of our ids (``video_`` or ``image_`` and 32 hex digits): only such ids
+    become paths."""
     return bool(ID_PATTERN.match(job_id))
+
+
+def job_id_of_file(path: Path) -> str:
+    """The id of the job a file of a job folder belongs to (``<id>.mp4``, ``<id>-<k>.png``, ...)."""
+    return path.name.partition(".")[0].partition("-")[0]
 
 
 @dataclass(frozen=True)
@@ -135,6 +158,7 @@ class Job:
     phase: str | None
     step: int
     total_steps: int
+    num_outputs: int
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -146,6 +170,10 @@ class Job:
     @property
     def finished(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def makes_images(self) -> bool:
+        return self.mode in IMAGE_MODES
 
 
 # the columns a new job sets (the rest take their defaults)
@@ -167,6 +195,7 @@ NEW_JOB_COLUMNS = (
     "cache",
     "expand_prompt",
     "input_path",
+    "num_outputs",
 )
 JOB_COLUMNS = tuple(f.name for f in fields(Job))
 
@@ -186,12 +215,21 @@ class JobStore:
 
     def __init__(self, data_dir: str | os.PathLike):
         self.root = Path(data_dir).expanduser().absolute()
-        for folder in (self.root, self.root / VIDEOS_DIR, self.root / PREVIEWS_DIR, self.root / INPUTS_DIR):
+        for folder in (self.root, *(self.root / name for name in JOB_FOLDERS)):
             folder.mkdir(parents=True, exist_ok=True)
         self.database = self.root / DATABASE_FILE
         self._local = threading.local()
         self._lock_handle = None
         self.connection().executescript(SCHEMA)  # its own transaction
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Add :data:`ADDED_COLUMNS` that the table (made by an earlier version) lacks."""
+        with self.transaction() as db:
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)").fetchall()}
+            for name, definition in ADDED_COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     # ------------------------------------------------------------------ the folder's lock
 
@@ -254,6 +292,16 @@ class JobStore:
     def video_path(self, job_id: str) -> Path:
         return self.root / VIDEOS_DIR / f"{job_id}{VIDEO_SUFFIX}"
 
+    def image_path(self, job_id: str, index: int) -> Path:
+        """The ``index``-th image (from 0) of an image job."""
+        return self.root / IMAGES_DIR / f"{job_id}-{index}{IMAGE_SUFFIX}"
+
+    def output_paths(self, job: Job) -> list[Path]:
+        """Where a job's results are (or will be): its video, or its images."""
+        if job.makes_images:
+            return [self.image_path(job.id, index) for index in range(job.num_outputs)]
+        return [self.video_path(job.id)]
+
     def preview_path(self, job_id: str) -> Path:
         return self.root / PREVIEWS_DIR / f"{job_id}{PREVIEW_SUFFIX}"
 
@@ -264,8 +312,14 @@ class JobStore:
         return str(path.relative_to(self.root))
 
     def remove_files(self, job_id: str) -> None:
-        """Remove a job's video, preview and input (those that exist)."""
-        for path in (self.video_path(job_id), self.preview_path(job_id), self.input_path(job_id)):
+        """Remove a job's video or images, preview and input (those that exist)."""
+        images = sorted((self.root / IMAGES_DIR).glob(f"{job_id}-*{IMAGE_SUFFIX}"))
+        for path in (self.video_path(job_id), *images, self.preview_path(job_id), self.input_path(job_id)):
+            path.unlink(missing_ok=True)
+
+    def remove_outputs(self, job: Job) -> None:
+        """Remove what a run of ``job`` wrote of its results (a run that did not complete)."""
+        for path in self.output_paths(job):
             path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading
@@ -309,8 +363,10 @@ class JobStore:
     # ------------------------------------------------------------------ state changes
 
     def insert(self, **values) -> Job:
-        """A new queued job; ``values`` are :data:`NEW_JOB_COLUMNS` less ``status`` and ``created_at``."""
+        """A new queued job; ``values`` are :data:`NEW_JOB_COLUMNS` less ``status`` and ``created_at``
+        (``num_outputs`` may be left out: 1)."""
         values = dict(values, status=QUEUED, created_at=int(time.time()))
+        values.setdefault("num_outputs", 1)
         values["seed"] = str(values["seed"])
         missing = set(NEW_JOB_COLUMNS) - set(values)
         if missing or set(values) - set(NEW_JOB_COLUMNS):
@@ -342,8 +398,8 @@ class JobStore:
             )
 
     def complete(self, job_id: str, output: Path) -> bool:
-        """Mark a running job completed, its video at ``output`` (already renamed into place); ``False`` when it
-        is no longer running (cancelled meanwhile)."""
+        """Mark a running job completed, its video (its first image) at ``output`` (already renamed into place);
+        ``False`` when it is no longer running (cancelled meanwhile)."""
         with self.transaction() as db:
             changed = db.execute(
                 "UPDATE jobs SET status = ?, progress = 100, completed_at = ?, output_path = ?, error = NULL "
@@ -404,15 +460,18 @@ class JobStore:
         with self.transaction() as db:
             for row in db.execute("SELECT * FROM jobs WHERE status = ?", (IN_PROGRESS,)).fetchall():
                 job = Job.from_row(row)
-                video = self.video_path(job.id)
-                if video.is_file():
+                outputs = self.output_paths(job)
+                if all(path.is_file() for path in outputs):
                     db.execute(
                         "UPDATE jobs SET status = ?, progress = 100, completed_at = ?, output_path = ?, error = NULL "
                         "WHERE id = ?",
-                        (COMPLETED, int(video.stat().st_mtime), self.relative(video), job.id),
+                        (COMPLETED, int(outputs[-1].stat().st_mtime), self.relative(outputs[0]), job.id),
                     )
                     completed.append(job.id)
-                elif job.attempts + 1 >= MAX_ATTEMPTS:
+                    continue
+                for path in outputs:  # the images an interrupted run wrote before it stopped
+                    path.unlink(missing_ok=True)
+                if job.attempts + 1 >= MAX_ATTEMPTS:
                     message = (
                         f"the server stopped while this job ran, {job.attempts + 1} times; it is not retried "
                         "(it may be what stops the server: try a smaller size, fewer frames or fewer steps)"
@@ -430,12 +489,12 @@ class JobStore:
                     )
                     requeued.append(job.id)
             statuses = {row["id"]: row["status"] for row in db.execute("SELECT id, status FROM jobs").fetchall()}
-        for folder in (VIDEOS_DIR, PREVIEWS_DIR, INPUTS_DIR):
+        for folder in JOB_FOLDERS:
             for path in temporary_paths(self.root / folder):
                 path.unlink(missing_ok=True)
                 removed.append(self.relative(path))
             for path in (self.root / folder).iterdir():
-                status = statuses.get(path.stem)
+                status = statuses.get(job_id_of_file(path))
                 # nothing is kept for unknown or cancelled jobs, nor the preview of an interrupted run
                 stale = status is None or status == CANCELLED or (folder == PREVIEWS_DIR and status == QUEUED)
                 if path.is_file() and stale:

@@ -13,8 +13,9 @@ run is watched and steered through a :class:`RunControl`:
   running control; the run stops before its next step and the job's files are removed.
 
 The video is written by ``export_to_video`` under a temporary name and renamed to ``videos/<id>.mp4`` when
-complete, synced to disk, and only then marked completed in one transaction: a completed job always has its file,
-and a job whose file exists is never run again (see ``JobStore.recover``). A failure marks the job failed with a
+complete (an image job's images: PNGs renamed to ``images/<id>-<k>.png``, one by one), synced to disk, and only
+then marked completed in one transaction: a completed job always has its files, and a job whose files exist is
+never run again (see ``JobStore.recover``). A failure marks the job failed with a
 one-line message and the worker goes on with the next job. ``jobs.log`` in the data folder gets a line per job
 start and end (and per recovery at start).
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kandinsky5.serve.schemas import video_object
-from kandinsky5.serve.store import IN_PROGRESS, Job, JobStore
+from kandinsky5.serve.store import IMAGE_MODES, IN_PROGRESS, Job, JobStore
 
 logger = logging.getLogger("kandinsky5.serve")
 
@@ -63,7 +64,7 @@ class ServeSettings:
     """What the server knows of its model and how it writes videos (fixed at start)."""
 
     model_id: str
-    task: str  # "t2v" or "i2v"
+    task: str  # kandinsky5.variants.Task's value: "t2v", "i2v", "t2i" (text-to-image) or "i2i" (image editing)
     facts: Any  # kandinsky5.pipelines.request.ModelFacts of the loaded pipeline
     variant: Any = None  # kandinsky5.variants.Variant or None
     fps: int = 24
@@ -73,10 +74,21 @@ class ServeSettings:
     cache_ratios: str | None = None
     # names a create request's ``model`` may give (the served id, and the variant's names)
     model_names: frozenset[str] = field(default_factory=frozenset)
+    # the seconds POST /v1/images/... waits for its job before it answers 504 (the job goes on)
+    image_timeout_s: float = 600.0
 
     @property
     def image_to_video(self) -> bool:
         return self.task == "i2v"
+
+    @property
+    def makes_images(self) -> bool:
+        return self.task in IMAGE_MODES
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether every job needs an input image (image-to-video, editing)."""
+        return self.task in ("i2v", "i2i")
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -84,15 +96,16 @@ class ServeSettings:
 
 def generation_request(settings: ServeSettings, seed: int | None = None, **arguments):
     """The :class:`GenerationRequest` of a job (``arguments``: ``GenerationRequest.build``'s prompt,
-    negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, expand_prompt, image), frames
-    as numpy.
+    negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, expand_prompt, image,
+    num_videos_per_prompt), a video's frames as numpy, images as PIL images (the pipeline's own rounding to bytes).
     Raises :class:`RequestError` naming the parameter."""
     import torch
 
     from kandinsky5.pipelines.request import GenerationRequest
 
     generator = None if seed is None else torch.Generator("cpu").manual_seed(seed)
-    return GenerationRequest.build(settings.facts, output_type="np", generator=generator, **arguments)
+    output_type = "pil" if settings.makes_images else "np"
+    return GenerationRequest.build(settings.facts, output_type=output_type, generator=generator, **arguments)
 
 
 def step_cache_config(settings: ServeSettings, cache: str, request):
@@ -117,10 +130,11 @@ def step_cache_config(settings: ServeSettings, cache: str, request):
 def job_request(settings: ServeSettings, store: JobStore, job: Job):
     """The request a stored job runs (its values were validated when it was queued)."""
     image = None
-    if job.mode == "i2v":
+    if job.input_path is not None:
         from kandinsky5.io import load_image
 
         image = load_image(str(store.root / job.input_path))
+    images = {"num_videos_per_prompt": job.num_outputs} if job.makes_images else {}
     return generation_request(
         settings,
         seed=job.seed,
@@ -133,6 +147,7 @@ def job_request(settings: ServeSettings, store: JobStore, job: Job):
         guidance_scale=job.guidance_scale,
         expand_prompt=job.expand_prompt,
         image=image,
+        **images,
     )
 
 
@@ -430,8 +445,9 @@ class Worker:
                 self._current = None
 
     def _generate(self, job: Job, control) -> Path:
-        """Run ``job``; the path of its video, renamed into place and synced."""
+        """Run ``job``; the path of its video (of its first image), renamed into place and synced."""
         from kandinsky5.io import export_to_video
+        from kandinsky5.io.atomic import atomic_path
         from kandinsky5.sampling.control import Phase
 
         request = job_request(self.settings, self.store, job)
@@ -441,6 +457,16 @@ class Worker:
             transformer.disable_cache()
         else:
             transformer.enable_cache(cache)
+        if job.makes_images:
+            images = self.pipe.generate(request, control).image
+            paths = self.store.output_paths(job)
+            with control.phase(Phase.WRITE):
+                for image, path in zip(images, paths, strict=True):
+                    with atomic_path(path) as temporary:
+                        image.save(temporary, format="PNG")
+            for path in paths:
+                sync_to_disk(path)
+            return paths[0]
         frames = self.pipe.generate(request, control).frames[0]
         path = self.store.video_path(job.id)
         with control.phase(Phase.WRITE):
@@ -464,7 +490,7 @@ class Worker:
         if self.device is not None:
             release_cached_memory(self.device)
         message = one_line(err).replace(str(self.store.root), "DATA_DIR")  # the client need not see the path
-        self.store.video_path(job.id).unlink(missing_ok=True)
+        self.store.remove_outputs(job)
         if self.store.fail(job.id, message):
             self.log.write("failed", job.id, message)
             self.hub.publish_status(job.id)

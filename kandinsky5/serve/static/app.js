@@ -1,5 +1,10 @@
-// The page of `kandinsky5 serve`: a form that creates video jobs, the queue with live progress and previews, and the
-// gallery of finished videos. Plain JavaScript, no build step, nothing loaded from elsewhere.
+// The page of `kandinsky5 serve`: a form that creates video jobs (or, for an image model, image jobs: text-to-image
+// or editing), the queue with live progress and previews, and the gallery of finished videos or images. Plain
+// JavaScript, no build step, nothing loaded from elsewhere.
+//
+// An image model (its /v1/models entry says task "t2i" or "i2i") gets the image form: its sizes from that entry, the
+// number of images, the image to edit; it is sent to v1/images/generations or v1/images/edits with ?wait=false, so
+// that the job comes back at once and shows in the queue like a video job.
 //
 // Data flow: the job list (GET v1/videos) is polled, every second while a job is queued or running, every few
 // seconds otherwise. The events of the running job and of the next queued one (progress, previews, the final status)
@@ -29,6 +34,14 @@
     negative: $("negative-prompt"),
     imageField: $("image-field"),
     image: $("input-reference"),
+    imageLabel: $("image-label"),
+    imageHint: $("image-hint"),
+    createTitle: $("create-title"),
+    galleryTitle: $("gallery-title"),
+    countField: $("count-field"),
+    count: $("count"),
+    lengthField: $("length-field"),
+    cacheField: $("cache-field"),
     size: $("size"),
     sizeCustomField: $("size-custom-field"),
     sizeCustom: $("size-custom"),
@@ -74,6 +87,7 @@
     rank: new Map(), // id -> order first seen in (newer jobs higher): breaks ties of created_at (whole seconds)
     nextRank: 0,
     models: [],
+    imageTask: null, // "t2i" or "i2i" when the server runs an image model, else null
     needsAuth: false,
     pollTimer: null,
     refreshing: false,
@@ -218,13 +232,58 @@
       if (!(error instanceof AuthError)) el.model.textContent = "model unknown";
       return;
     }
-    const names = state.models.map((m) => `${m.id}${m.task ? ` · ${m.task === "i2v" ? "image-to-video" : "text-to-video"}` : ""}`);
+    const names = state.models.map((m) => `${m.id}${m.task ? ` · ${TASK_NAMES[m.task] || m.task}` : ""}`);
     el.model.textContent = names.join(", ") || "no model";
     el.model.title = names.join("\n");
+    const imageModel = state.models.find((m) => IMAGE_TASKS.has(m.task));
+    if (imageModel) {
+      setUpImageForm(imageModel);
+      return;
+    }
     const i2v = state.models.some((m) => m.task === "i2v");
     el.imageField.hidden = !i2v;
     el.image.required = i2v && state.models.every((m) => m.task === "i2v");
     if (!i2v) el.image.value = "";
+  }
+
+  const TASK_NAMES = { t2v: "text-to-video", i2v: "image-to-video", t2i: "text-to-image", i2i: "image editing" };
+  const IMAGE_TASKS = new Set(["t2i", "i2i"]);
+  const IMAGE_SIZES = ["1024x1024", "640x1408", "1408x640", "768x1280", "1280x768", "896x1152", "1152x896"];
+
+  // The form of an image model: its sizes (no custom size), the number of images, the image to edit; no length or
+  // step cache.
+  function setUpImageForm(model) {
+    const editing = model.task === "i2i";
+    const first = state.imageTask === null;
+    state.imageTask = model.task;
+    document.title = "Kandinsky 5 · image generation";
+    el.createTitle.textContent = editing ? "Edit an image" : "New image";
+    el.galleryTitle.textContent = "Images";
+    el.galleryEmpty.textContent = "Finished images appear here.";
+    el.loadMore.textContent = "Load older images";
+    el.prompt.placeholder = editing ? "Make the sky a stormy evening" : "A red fox in fresh snow at dawn, photograph";
+    el.lengthField.hidden = true;
+    el.cacheField.hidden = true;
+    el.length.value = "";
+    el.cache.value = "";
+    el.countField.hidden = false;
+    if (model.max_images) el.count.max = String(model.max_images);
+    el.imageField.hidden = !editing;
+    el.image.required = editing;
+    el.imageLabel.textContent = "Image to edit";
+    el.imageHint.textContent = "image editing";
+    if (!editing) el.image.value = "";
+    if (first) {
+      const sizes = Array.isArray(model.sizes) && model.sizes.length ? model.sizes : IMAGE_SIZES;
+      const options = [new Option(editing ? "From the image" : "Model default", "")];
+      for (const size of sizes) {
+        const [width, height] = size.split("x").map(Number);
+        const shape = width === height ? "square" : width > height ? "landscape" : "portrait";
+        options.push(new Option(`${size.replace("x", "×")} ${shape}`, size));
+      }
+      el.size.replaceChildren(...options);
+      syncSizeField();
+    }
   }
 
   // ---- the form ------------------------------------------------------------------------------------------------
@@ -251,6 +310,8 @@
     seed: () => el.seed,
     cache: () => el.cache,
     input_reference: () => el.image,
+    image: () => el.image,
+    n: () => el.count,
   };
 
   function clearFormError() {
@@ -282,15 +343,26 @@
     const size = el.size.value === "custom" ? el.sizeCustom.value.trim().replace(/[×X*]/g, "x").replace(/\s+/g, "") : el.size.value;
     if (el.size.value === "custom" && !size) return { error: "Enter a size as WIDTHxHEIGHT, e.g. 768x512.", param: "size" };
     if (size) data.set("size", size);
-    const length = el.length.value.trim();
+    const length = state.imageTask ? "" : el.length.value.trim();
     if (length) data.set(el.lengthUnit.value === "frames" ? "num_frames" : "seconds", length);
+    if (state.imageTask && el.count.value.trim()) data.set("n", el.count.value.trim());
     if (el.steps.value.trim()) data.set("num_inference_steps", el.steps.value.trim());
     if (el.guidance.value.trim()) data.set("guidance_scale", el.guidance.value.trim());
     if (el.seed.value.trim()) data.set("seed", el.seed.value.trim());
-    if (el.cache.value) data.set("cache", el.cache.value);
-    if (!el.imageField.hidden && el.image.files && el.image.files[0]) data.set("input_reference", el.image.files[0]);
-    else if (el.image.required) return { error: "This model makes a video from an image: choose one.", param: "input_reference" };
+    if (el.cache.value && !state.imageTask) data.set("cache", el.cache.value);
+    const field = state.imageTask ? "image" : "input_reference";
+    if (!el.imageField.hidden && el.image.files && el.image.files[0]) data.set(field, el.image.files[0]);
+    else if (el.image.required) {
+      const error = state.imageTask ? "This model edits an image: choose one." : "This model makes a video from an image: choose one.";
+      return { error, param: field };
+    }
     return { data };
+  }
+
+  // Where the form goes: the video route, or the image routes without waiting (the job object comes back at once).
+  function createPath() {
+    if (!state.imageTask) return "v1/videos";
+    return `v1/images/${state.imageTask === "i2i" ? "edits" : "generations"}?wait=false`;
   }
 
   // Ctrl+Enter (Cmd+Enter) in a text box submits.
@@ -314,7 +386,7 @@
     el.submit.disabled = true;
     el.formStatus.textContent = "Submitting…";
     try {
-      const response = await api("v1/videos", { method: "POST", body: built.data });
+      const response = await api(createPath(), { method: "POST", body: built.data });
       if (!response.ok) {
         const error = await readError(response);
         el.formStatus.textContent = "";
@@ -599,7 +671,7 @@
         body = null;
       }
       const now = Math.floor(Date.now() / 1000);
-      const latest = body && body.id === id && body.object === "video" && body.status ? { ...job, ...body } : job;
+      const latest = body && body.id === id && (body.object === "video" || body.object === "image") && body.status ? { ...job, ...body } : job;
       state.cancelled.set(id, { ...latest, status: "cancelled", completed_at: latest.completed_at || now });
       if (body && body.status && FINAL.has(body.status)) upsert(body);
       refresh();
@@ -612,7 +684,8 @@
 
   async function removeJob(job, button) {
     const onServer = state.top.some((j) => j.id === job.id) || state.older.has(job.id);
-    if (onServer && job.status === "completed" && !window.confirm("Delete this video from the server?")) return;
+    const what = isImageJob(job) ? (job.n > 1 ? "these images" : "this image") : "this video";
+    if (onServer && job.status === "completed" && !window.confirm(`Delete ${what} from the server?`)) return;
     button.disabled = true;
     try {
       if (onServer) {
@@ -627,7 +700,7 @@
       state.cancelled.delete(job.id);
       state.top = state.top.filter((j) => j.id !== job.id);
       state.older.delete(job.id);
-      forgetMedia(`${videoPath(job.id)}/content`);
+      for (const path of outputPaths(job)) forgetMedia(path);
       render();
     } catch (error) {
       button.disabled = false;
@@ -639,7 +712,17 @@
 
   const PHASES = { encode_text: "encoding the prompt", encode_image: "encoding the image", denoise: "denoising", decode: "decoding", write: "writing the video" };
 
+  const isImageJob = (job) => job.object === "image" || IMAGE_TASKS.has(job.mode);
+
+  // The paths of a job's results: its video, or its images (the server's "outputs", relative to the page).
+  function outputPaths(job) {
+    if (Array.isArray(job.outputs) && job.outputs.length) return job.outputs.map((url) => url.replace(/^\/(?=v1\/)/, ""));
+    if (!isImageJob(job)) return [`${videoPath(job.id)}/content`];
+    return Array.from({ length: job.n || 1 }, (_, index) => `${videoPath(job.id)}/content?index=${index}`);
+  }
+
   function describe(job) {
+    if (isImageJob(job)) return describeImages(job);
     const parts = [];
     if (job.size) parts.push(job.size.replace("x", "×"));
     if (job.num_frames) parts.push(`${job.num_frames} frames${job.seconds ? ` (${Number(job.seconds).toFixed(1).replace(/\.0$/, "")} s)` : ""}`);
@@ -648,6 +731,18 @@
     if (job.guidance_scale != null) parts.push(`guidance ${job.guidance_scale}`);
     if (job.seed != null) parts.push(`seed ${job.seed}`);
     if (job.mode === "i2v") parts.push("image-to-video");
+    if (job.completed_at && job.created_at && job.status === "completed") parts.push(`took ${formatSeconds(job.completed_at - job.created_at)}`);
+    return parts.join(" · ");
+  }
+
+  function describeImages(job) {
+    const parts = [];
+    if (job.size) parts.push(job.size.replace("x", "×"));
+    parts.push(job.n > 1 ? `${job.n} images` : "1 image");
+    if (job.num_inference_steps) parts.push(`${job.num_inference_steps} steps`);
+    if (job.guidance_scale != null) parts.push(`guidance ${job.guidance_scale}`);
+    if (job.seed != null) parts.push(`seed ${job.seed}`);
+    if (job.mode === "i2i") parts.push("editing");
     if (job.completed_at && job.created_at && job.status === "completed") parts.push(`took ${formatSeconds(job.completed_at - job.created_at)}`);
     return parts.join(" · ");
   }
@@ -746,7 +841,7 @@
     setText(node.querySelector('[data-testid="progress-text"]'), job.status === "queued" ? "waiting" : `${Math.round(progress)}%`);
     let phase = "";
     if (job.status === "in_progress" && live) {
-      phase = PHASES[live.phase] || live.phase || "";
+      phase = live.phase === "write" && isImageJob(job) ? "writing the images" : PHASES[live.phase] || live.phase || "";
       if (live.phase === "denoise" && live.total_steps) phase += ` · step ${live.step ?? 0}/${live.total_steps}`;
     }
     setText(node.querySelector('[data-testid="phase"]'), phase);
@@ -783,7 +878,9 @@
     if (previous !== job.status) {
       media.replaceChildren();
       download.hidden = true;
-      if (job.status === "completed") {
+      if (job.status === "completed" && isImageJob(job)) {
+        showImages(job, media, download);
+      } else if (job.status === "completed") {
         const video = document.createElement("video");
         video.controls = true;
         video.preload = "metadata";
@@ -821,6 +918,36 @@
     setText(remove, onServer ? (job.status === "completed" ? "Delete" : "Remove") : "Dismiss");
     remove.setAttribute("aria-label", `${remove.textContent} “${truncate(job.prompt, 40)}”`);
     return node;
+  }
+
+  // A completed image job's images (each opens whole in a new tab), and the download of the first.
+  function showImages(job, media, download) {
+    const paths = outputPaths(job);
+    media.classList.toggle("several", paths.length > 1);
+    paths.forEach((path, index) => {
+      const link = document.createElement("a");
+      link.target = "_blank";
+      link.rel = "noopener";
+      const image = document.createElement("img");
+      image.dataset.testid = "image";
+      image.alt = `Image ${index + 1} of ${paths.length}: ${truncate(job.prompt, 80)}`;
+      image.decoding = "async";
+      link.append(image);
+      media.append(link);
+      mediaUrl(path)
+        .then((url) => {
+          image.src = url;
+          link.href = url;
+          if (index === 0) {
+            download.href = url;
+            download.download = `${job.id}-0.png`;
+            download.hidden = false;
+          }
+        })
+        .catch((error) => {
+          if (!(error instanceof AuthError)) link.replaceWith(placeholder(`Image unavailable (${error.message})`, "failed"));
+        });
+    });
   }
 
   function placeholder(text, status) {
