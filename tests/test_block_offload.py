@@ -222,7 +222,7 @@ def test_block_offload_arguments_and_moves(pipe):
         pipe.to(torch.bfloat16)
     pipe.fuse_qkv_projections()  # re-armed with the same settings
     assert isinstance(pipe._offload_plan, BlockOffload)
-    assert pipe._offload_plan.options == {"blocks_on_gpu": 1, "prefetch": 1}
+    assert pipe._offload_plan.options == {"blocks_on_gpu": 1, "prefetch": 1, "vision_input": False}
     pipe.remove_all_hooks()
     assert all(not module._forward_pre_hooks for module in pipe.transformer.modules())
 

@@ -19,7 +19,9 @@ from kandinsky5.variants import get_variant
 
 RATIOS_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "magcache_ratios.json"
 PACKAGED_JSON = Path(__file__).resolve().parents[1] / "kandinsky5" / "sampling" / "caches" / "magcache_ratios.json"
-OFFICIAL = json.loads(PACKAGED_JSON.read_text())["ratios"]
+# the image models' ratios (the original's text-to-image config), packaged apart from the reference data's copy
+PACKAGED_IMAGE_JSON = PACKAGED_JSON.with_name("magcache_image_ratios.json")
+OFFICIAL = json.loads(PACKAGED_JSON.read_text())["ratios"] | json.loads(PACKAGED_IMAGE_JSON.read_text())["ratios"]
 ORIGINAL_SETTINGS = dict(threshold=0.12, max_skip_steps=2, retention_ratio=0.2)
 SMALL = dict(height=32, width=48, num_frames=5, guidance_scale=5.0, output_type="latent", prompt="a red fox")
 
