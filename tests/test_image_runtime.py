@@ -39,19 +39,27 @@ def run(pipe, *condition, **overrides):
     return pipe(*condition, **dict(LATENT_CALL, generator=generator, **overrides)).image
 
 
-@pytest.fixture
-def t2i(reference_t2i_checkpoint):
-    """A text-to-image pipeline of our own (offloading changes it; the shared fixture stays as it is)."""
-    pipe = Kandinsky5T2IPipeline.from_pretrained(reference_t2i_checkpoint[0])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def fresh(pipe):
+    """A copy of a shared pipeline with networks of its own (offloading and LoRA change them); the tokenizers and
+    the image processor are shared (reading the real Qwen tokenizer takes seconds)."""
+    networks = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    components = {name: copy.deepcopy(c) if name in networks else c for name, c in pipe.components.items()}
+    if isinstance(pipe, Kandinsky5I2IPipeline):
+        components["image_processor"] = pipe.qwen_image_processor
+    copied = type(pipe)(**components)
+    copied.set_progress_bar_config(disable=True)
+    return copied
 
 
 @pytest.fixture
-def i2i(reference_i2i_checkpoint):
-    pipe = Kandinsky5I2IPipeline.from_pretrained(reference_i2i_checkpoint[0])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def t2i(our_t2i_pipeline):
+    """A text-to-image pipeline of our own."""
+    return fresh(our_t2i_pipeline)
+
+
+@pytest.fixture
+def i2i(our_i2i_pipeline):
+    return fresh(our_i2i_pipeline)
 
 
 # ------------------------------------------------------------------ offload
@@ -86,13 +94,14 @@ def test_block_offload_of_text_to_image_leaves_the_vision_tower_home(t2i):
 # ------------------------------------------------------------------ MagCache
 
 
-def test_magcache_with_the_original_text_to_image_ratios(reference_t2i_checkpoint, tmp_path):
+def test_magcache_with_the_original_text_to_image_ratios(reference_t2i_checkpoint, our_t2i_pipeline, tmp_path):
     variant = get_variant("lite-t2i-sft")
     folder = shutil.copytree(reference_t2i_checkpoint[0], tmp_path / variant.repo_name)
-    pipe = Kandinsky5T2IPipeline.from_pretrained(folder)
+    tokenizers = dict(tokenizer=our_t2i_pipeline.tokenizer, tokenizer_2=our_t2i_pipeline.tokenizer_2)
+    pipe = Kandinsky5T2IPipeline.from_pretrained(folder, **tokenizers)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.model_variant is variant
-    steps = dict(num_inference_steps=10)
+    steps = dict(num_inference_steps=6)
     exact = run(pipe, **steps)
     cache = pipe.enable_magcache(threshold=0.0)  # never skips: the exact path
     assert torch.equal(run(pipe, **steps), exact) and cache.skipped_calls == 0
