@@ -7,6 +7,10 @@
 # Runs 8-12 are the memory table (benchmarks/memory.py), one device command each; expected on an H200 (estimates
 # from the H100 figures in shared/reference, dense attention): 8 ~4 min, 9 ~7 min, 10 ~7 min, 11 ~4 min, 12 ~3 min.
 # Run 13 (benchmarks/parallel_overhead.py, ~1 min) fails when a degree-1 run costs 1 % or more over the plain one.
+# Runs 14-15 are the image models' pipelines (benchmarks/image_pipeline.py, 1024x1024, 50 steps, guidance 3.5):
+# expected on an H200 about 2-3 min each (imports and ~15 B random weights ~45 s; per pipeline a 2-step warm-up and
+# 50 CFG steps of ~0.2-0.3 s, the step's roofline at the H100 ceilings being 0.13 s; the official figure is 13 s an
+# image on an H100), well inside a 10-minute command.
 # The runs that quantize also put the torchao wheel of .whl/quantization/ on the path (only they: an import of
 # diffusers must not depend on it).
 set -uo pipefail
@@ -32,6 +36,9 @@ RUNS=(
   "memory.py --model pro --modes none --fp8-forward --repeats 1"
   # the single-GPU overhead of the parallel code paths at degree 1 (Lite 512x768x121, NCCL world of one): < 1 %
   "parallel_overhead.py --model lite"
+  # the image models: text-to-image, then editing a synthetic 1024x1024 picture (each ~2-3 min on an H200)
+  "image_pipeline.py"
+  "image_pipeline.py --edit"
 )
 # A machine that received the repository alone (benchmarks/README.md): the carried wheels and reference files.
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu-check-site}

@@ -293,3 +293,29 @@ def test_memory_targets_are_checked_on_the_blocks_row():
     assert {t["note"] for t in targets.values() if "note" in t} == {"measured at 768x1024x121"}
     assert targets["pro FP8 forward: speed-up >= 1.3"]["met"] is False
     assert targets["pro FP8 forward: relative L2 <= 0.03"]["met"] is True
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_image_pipeline_benchmark_smoke(tmp_path, task):
+    """``benchmarks/image_pipeline.py --smoke [--edit]`` as a user runs it: the tiny image pipelines, ours and
+    diffusers', on the same weights; its JSON holds each pipeline's figures and the images agree as the float32
+    pipelines' frames do. One thread: the run costs ~11 s on a core, most of it imports."""
+    out = tmp_path / "result.json"
+    argv = [sys.executable, str(BENCHMARKS / "image_pipeline.py"), "--smoke", "--json", str(out)]
+    argv += ["--edit"] if task == "edit" else []
+    done = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    result = json.loads(out.read_text())
+    assert result["task"] == task and result["model"] == "smoke"
+    assert result["size"] == {"height": 1024, "width": 1024, "visual_tokens": 4096}
+    assert result["steps"] == 2 and result["guidance_scale"] == 3.5 and result["offload"] is False
+    assert result["image_shape"] == [1, 1024, 1024, 3]
+    assert list(result["results"]) == list(result["vae_decode"]) == ["kandinsky5", "diffusers"]
+    for row in result["results"].values():
+        assert row["end_to_end_seconds"] > row["decode_seconds"] > 0 and row["seconds_per_step"] > 0
+        assert row["fixed_seconds"] == pytest.approx(row["end_to_end_seconds"] - 2 * row["seconds_per_step"])
+        assert row["peak_memory_gib"] is None  # no GPU
+    assert all(row["seconds"] > 0 for row in result["vae_decode"].values())
+    assert result["image_std"] > 0.01  # a picture, not a constant
+    assert result["images_relative_l2_vs_diffusers"] <= PIPELINE_FRAMES_RELATIVE_L2
+    assert "images relative L2 vs diffusers" in done.stdout
