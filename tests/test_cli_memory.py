@@ -332,3 +332,100 @@ def test_offload_auto_without_configs_loads_resident_and_says_why(monkeypatch, c
     plan_cli.resolve_generate_offload(args, pro_request(), device, torch.bfloat16)
     assert (args.offload, args.ff_chunk_tokens) == ("none", None)
     assert capsys.readouterr().err.startswith("kandinsky5: offload: none (no memory plan: --model: no configs for ")
+
+
+# ---------------------------------------------------------------------------------------------------- image models
+
+
+def image_plan(name: str, height: int = 1024, width: int = 1024):
+    variant = get_variant(name)
+    inputs = PlanInputs(height, width, 1, max_sequence_length=variant.defaults.max_sequence_length)
+    return plan_memory(PipelineConfigs.for_variant(variant), inputs)
+
+
+@pytest.mark.parametrize("name", ["lite-t2i-sft", "lite-edit-sft"])
+def test_plan_of_an_image_model(capsys, name):
+    assert main(["plan", "--model", name, "--free-gib", "24"]) == 0
+    out = capsys.readouterr().out
+    plan = image_plan(name)
+    what = "image editing" if "edit" in name else "text-to-image"
+    assert f"1024x1024 {what}: 4,096 visual tokens per image; batch 1; guidance two calls per step" in out
+    assert "frames" not in out and "transformer 12.4 GiB (6.022 B)" in out
+    rows = table_rows(out)
+    assert not any(phase == "decoding (tiled)" for _, phase in rows)  # the 2D VAE tiles only when told
+    for mode_plan in plan.modes:
+        for phase in mode_plan.phases:
+            assert rows[(mode_plan.mode.value, phase.phase.value)][2] == format_gib(phase.gpu)
+    assert ("vision tower" in out) == ("edit" in name)
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("image models: estimates") and "GPU measurement" in lines[-2]
+    assert lines[-1] == f"free GPU memory: 24.0 GiB (--free-gib): {choose_mode(plan, 24 * GIB).reason}"
+    assert choose_mode(plan, 24 * GIB).mode is Mode.MODEL
+
+
+def test_plan_of_an_image_model_snaps_the_size(capsys, caplog):
+    assert main(["plan", "--model", "lite-edit-sft", "--height", "1000", "--width", "1500", "--free-gib", "80"]) == 0
+    captured = capsys.readouterr()
+    assert "using 768x1280" in caplog.text  # the pipeline's warning
+    assert "1280x768 image editing: 3,840 visual tokens per image" in captured.out
+    plan = image_plan("lite-edit-sft", 768, 1280)
+    assert table_rows(captured.out)[("blocks", "text encoding")][2] == format_gib(
+        plan.mode(Mode.BLOCKS).phase(Phase.TEXT).gpu
+    )
+
+
+@pytest.mark.parametrize(
+    "options,flags",
+    [(["--seconds", "5"], "--seconds is a video option"), (["--frames", "9", "--fps", "8"], "--frames and --fps are")],
+)
+def test_plan_refuses_video_options_for_an_image_model(capsys, options, flags):
+    assert main(["plan", "--model", "lite-t2i-sft", *options]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"kandinsky5: error: {flags}") and "text-to-image model: it makes still images" in line
+
+
+def test_plan_of_an_image_checkpoint_folder(capsys, tmp_path):
+    """A local editing checkpoint: its task from model_index.json, the 2D VAE from vae/config.json."""
+    from kandinsky5.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "edit", task="i2i")
+    assert main(["plan", "--model", str(folder), "--free-gib", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"({folder})" in out.splitlines()[0] and "1024x1024 image editing" in out and "vision tower" in out
+
+
+def image_generate_args(name: str, offload: str) -> argparse.Namespace:
+    variant = get_variant(name)
+    args = generate_args(offload)
+    args.model, args.variant, args.task = variant.repo_id, variant, variant.task
+    return args
+
+
+def image_request(name: str):
+    length = get_variant(name).defaults.max_sequence_length
+    return SimpleNamespace(height=1024, width=1024, num_frames=1, uses_guidance=True, max_sequence_length=length)
+
+
+@pytest.mark.parametrize("name", ["lite-t2i-sft", "lite-edit-sft"])
+@pytest.mark.parametrize("free_gib,mode", [(48, "none"), (24, "model"), (12, "blocks")])
+def test_offload_auto_for_an_image_model_uses_the_plan(monkeypatch, capsys, name, free_gib, mode):
+    device = simulated_gpu(monkeypatch, free_gib * GIB)
+    args = image_generate_args(name, "auto")
+    plan_cli.resolve_generate_offload(args, image_request(name), device, torch.bfloat16)
+    choice = choose_mode(image_plan(name), free_gib * GIB)
+    assert (
+        (args.offload, args.offload_asked, args.ff_chunk_tokens)
+        == (mode, "auto", None)
+        == (
+            choice.offload,
+            "auto",
+            choice.ff_chunk_tokens,
+        )
+    )
+    assert capsys.readouterr().err == f"kandinsky5: {choice.reason}\n"
+
+
+def test_offload_auto_for_an_image_model_on_a_cpu_is_none_silently(capsys):
+    args = image_generate_args("lite-t2i-sft", "auto")
+    plan_cli.resolve_generate_offload(args, image_request("lite-t2i-sft"), torch.device("cpu"), torch.float32)
+    assert args.offload == "none" and capsys.readouterr().err == ""

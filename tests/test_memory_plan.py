@@ -1,14 +1,20 @@
 """The memory plan (kandinsky5/runtime/memory_plan.py): measured anchors reproduced, exact parameter counts from meta
-builds, the choice of mode at chosen free-memory levels, quantization's savings, the feed-forward chunking rule."""
+builds, the choice of mode at chosen free-memory levels, quantization's savings, the feed-forward chunking rule; the
+image models' estimates (their DiT, the 2D VAE's traced counts, the editing model's vision tower)."""
 
+import json
 import math
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REFERENCE_DIR
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from kandinsky5.models.dit import TransformerConfig
 from kandinsky5.runtime import memory_plan as mp
 from kandinsky5.runtime.memory_plan import (
     ANCHOR_TOLERANCE,
@@ -304,3 +310,167 @@ def test_inputs_are_checked():
 def test_format_gib():
     assert mp.format_gib(40.4 * GIB) == "40.4 GiB"
     assert mp.format_gib(0.456 * GIB) == "0.46 GiB"
+
+
+# ---------------------------------------------------------------------------------------------------- image models
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    return PipelineConfigs.for_variant(get_variant("lite-t2i-sft"))
+
+
+@pytest.fixture(scope="module")
+def edit():
+    return PipelineConfigs.for_variant(get_variant("lite-edit-sft"))
+
+
+@pytest.fixture(scope="module")
+def t2i_plan(t2i):
+    return plan_memory(t2i, PlanInputs(1024, 1024, 1))
+
+
+@pytest.fixture(scope="module")
+def edit_plan(edit):
+    return plan_memory(edit, PlanInputs(1024, 1024, 1, max_sequence_length=1024))
+
+
+def test_image_configs_are_the_image_models(t2i, edit):
+    for configs, edits in ((t2i, False), (edit, True)):
+        assert configs.makes_images and configs.edits is edits
+        assert configs.transformer["visual_cond"] is edits
+        assert configs.vae["_class_name"] == "AutoencoderKL"
+    c = TransformerConfig.from_dict(t2i.transformer)
+    assert (c.model_dim, c.ff_dim, c.time_dim, c.num_text_blocks, c.num_visual_blocks) == (2560, 10240, 512, 2, 50)
+    assert (c.head_dim, c.model_dim // c.head_dim, c.attention_type) == (128, 20, "regular")
+    assert mp.vae_compression(t2i.vae) == (8, 1)
+    # the video models' configs are no image model's
+    lite = PipelineConfigs.for_variant(get_variant("lite-sft-5s"))
+    assert not lite.makes_images and not lite.edits
+
+
+def test_image_dit_weights_are_its_parameters_in_bf16(t2i_plan, t2i):
+    """The DiT's bytes are its parameter count (a meta build of Kandinsky5Transformer3DModel) at 2 bytes, plus 2
+    more in the float32 islands; the VAE is the 2D one."""
+    from kandinsky5.models.dit import Kandinsky5Transformer3DModel
+    from kandinsky5.models.vae2d import AutoencoderKL2D
+
+    with torch.device("meta"):
+        model = Kandinsky5Transformer3DModel.from_config(t2i.transformer)
+    parameters = sum(p.numel() for p in model.parameters())
+    islands = sum(p.numel() for n, p in model.named_parameters() if model.keeps_fp32(n))
+    dit = t2i_plan.component(mp.TRANSFORMER)
+    assert dit.parameters == parameters and parameters / 1e9 == pytest.approx(6.02, abs=0.01)
+    assert dit.bytes == 2 * parameters + 2 * islands
+    assert 2 * parameters < dit.bytes < 2.25 * parameters  # the islands (modulations): about a tenth
+    assert sum(g.count for g in dit.groups) == 2 + 50
+    vae = mp._meta_vae(t2i.vae, torch.bfloat16, image=True)
+    assert isinstance(vae, AutoencoderKL2D)
+    assert t2i_plan.component(mp.VAE).bytes == 2 * sum(p.numel() for p in vae.parameters())
+
+
+def test_image_activations(t2i_plan, edit_plan):
+    """One frame of 64 x 64 tokens at 1024x1024; the 2D VAE's decode; the editing model's encode and vision tower."""
+    assert t2i_plan.sampling.tokens == edit_plan.sampling.tokens == 64 * 64
+    u = 4096 * 2560 * 2
+    assert t2i_plan.sampling.hidden == 2 * 4096 * 10240 * 2
+    assert t2i_plan.sampling.feed_forward_stage == 4 * u + t2i_plan.sampling.hidden
+    assert t2i_plan.decode == int(6 * 1024 * 1024 * 128 * 2 * mp.VAE_WORKSPACE_FACTOR) + 3 * 1024 * 1024 * 2
+    assert t2i_plan.encode == t2i_plan.vision == 0
+    assert 0 < edit_plan.encode < edit_plan.decode < 3 * GIB
+    assert 0 < edit_plan.vision < 0.5 * GIB
+    # Qwen on 54 + 1024 tokens with the vision tower's activations beside them, more than text-to-image's 40 + 512
+    assert t2i_plan.text[mp.TEXT_ENCODER] < edit_plan.text[mp.TEXT_ENCODER] - edit_plan.vision
+    # other trained sizes: fewer tokens; the 2D VAE tiles only when told, in sample_size (1024) tiles
+    wide = t2i_plan.replace(height=640, width=1408)
+    assert wide.sampling.tokens == 40 * 88
+    assert wide.replace(vae_tiling=True).decode < wide.decode
+    assert t2i_plan.replace(vae_tiling=True).decode == t2i_plan.decode  # one tile
+    with pytest.raises(ValueError, match="num_frames must be 1"):
+        t2i_plan.replace(num_frames=5)
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak bytes of the storages that operations under it create and keep alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+    def _release(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            self.now -= self.sizes.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = tensor.untyped_storage()._cdata
+            if key not in self.sizes:
+                if key in inputs:  # a view of a tensor made outside
+                    continue
+                self.sizes[key], self.refs[key] = tensor.untyped_storage().nbytes(), 0
+                self.now += self.sizes[key]
+                self.peak = max(self.peak, self.now)
+            self.refs[key] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def test_image_vae_counts_are_a_trace_of_our_vae(t2i):
+    """IMAGE_DECODE_TENSORS and IMAGE_ENCODE_TENSORS: the peak live tensors of our AutoencoderKL2D (official config,
+    meta device), in full-resolution tensors of block_out_channels[0] channels."""
+    vae = mp._meta_vae(t2i.vae, torch.bfloat16, image=True)
+    unit = 256 * 256 * 128 * 2
+    for run, tensors, shape in (
+        (vae.decode, mp.IMAGE_DECODE_TENSORS, (1, 16, 32, 32)),
+        (vae.encode, mp.IMAGE_ENCODE_TENSORS, (1, 3, 256, 256)),
+    ):
+        given = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+        with torch.no_grad(), LiveBytes() as live:
+            run(given)
+        assert live.peak == tensors * unit
+
+
+def test_image_modes_in_order_and_the_choice(t2i_plan, edit_plan):
+    """Each slower mode needs less at its peak; choose_mode picks from resident down as free memory shrinks (no
+    automatic tiles for the 2D VAE)."""
+    for plan in (t2i_plan, edit_plan):
+        peaks = [plan.mode(mode).peak_gpu for mode in mp.MODES]
+        assert peaks[0] > peaks[1] > peaks[2] and peaks[0] > peaks[3]
+        assert peaks[1] < 17 * GIB < peaks[0] < 32 * GIB  # the text encoder alone, then the whole pipeline
+        for free_gib, mode in ((40, Mode.RESIDENT), (24, Mode.MODEL), (12, Mode.BLOCKS), (1, Mode.SEQUENTIAL)):
+            choice = choose_mode(plan, free_gib * GIB)
+            assert choice.mode is mode and choice.vae_tiling is None, (free_gib, choice.reason)
+            assert "tiles" not in choice.reason
+
+
+def test_the_editing_models_vision_tower_is_resident_in_block_mode(t2i_plan, edit_plan, edit):
+    qwen = mp._meta_qwen(edit.text_encoder)
+    vision = 2 * sum(t.numel() for t in [*qwen.model.visual.parameters(), *qwen.model.visual.buffers()])
+    head = 2 * qwen.lm_head.weight.numel()
+    plain, editing = t2i_plan.component(mp.TEXT_ENCODER), edit_plan.component(mp.TEXT_ENCODER)
+    assert plain.bytes == editing.bytes
+    assert (plain.unused_bytes, editing.unused_bytes) == (vision + head, head)
+    assert editing.resident_bytes - plain.resident_bytes == vision
+    text = [p.mode(Mode.BLOCKS).phase(Phase.TEXT) for p in (t2i_plan, edit_plan)]
+    assert text[1].gpu_weights - text[0].gpu_weights == vision
+    streamed = mp.Placement.STREAMED
+    assert plain.host_bytes(streamed) - editing.host_bytes(streamed) == vision  # not left on the host
+    # model offload moves the whole encoder either way
+    assert {p.mode(Mode.MODEL).phase(Phase.TEXT).gpu_weights for p in (t2i_plan, edit_plan)} == {plain.bytes}
+
+
+def test_image_configs_from_a_checkpoint_folder(tmp_path, t2i):
+    """A checkpoint's config files (vae/config.json naming AutoencoderKL) give the built-in configs' plan."""
+    for name in mp.COMPONENTS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(getattr(t2i, name)))
+    from_files = PipelineConfigs.from_checkpoint(tmp_path)
+    assert from_files.makes_images and not from_files.edits
+    inputs = PlanInputs(1024, 1024, 1)
+    assert plan_memory(from_files, inputs).modes == plan_memory(t2i, inputs).modes

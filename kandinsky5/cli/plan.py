@@ -72,7 +72,7 @@ def add_plan_parser(sub) -> None:
         "--model", required=True, help="short name (see `kandinsky5 models`), hub id or local checkpoint directory"
     )
     add_size_options(plan)
-    plan.add_argument("--batch", type=int, default=1, help="videos per transformer call (default 1)")
+    plan.add_argument("--batch", type=int, default=1, help="videos (images) per transformer call (default 1)")
     plan.add_argument(
         "--guidance", type=float, default=None, help="guidance scale; 1 disables it (default: the model's)"
     )
@@ -81,7 +81,12 @@ def add_plan_parser(sub) -> None:
         action="store_true",
         help="both guidance branches in one transformer call (pipe.batched_guidance)",
     )
-    plan.add_argument("--max-sequence-length", type=int, default=512, help="prompt tokens kept (default 512)")
+    plan.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="prompt tokens kept (default: the model's; 512, image editing 1024)",
+    )
     plan.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 (the GPU default)")
     add_quantize_options(plan)
     plan.add_argument(
@@ -132,13 +137,15 @@ def pipeline_configs(model: str, variant, checkpoint: Path | None) -> PipelineCo
 
 def plan_inputs(args, request, dtype) -> PlanInputs:
     """The plan's inputs of a validated request and the memory options of ``args``."""
+    from kandinsky5.cli.main import num_images
     from kandinsky5.runtime.memory_plan import PlanInputs
 
     return PlanInputs(
         height=request.height,
         width=request.width,
         num_frames=request.num_frames,
-        batch=getattr(args, "batch", 1),
+        # plan's --batch; generate's outputs per call (an image model's --num-images)
+        batch=getattr(args, "batch", None) or num_images(args),
         guidance=request.uses_guidance,
         batched_guidance=getattr(args, "batched_guidance", False),
         max_sequence_length=request.max_sequence_length,
@@ -166,7 +173,7 @@ def cmd_plan(args) -> int:
     from kandinsky5.cli.main import UsageError, _resolve_model, _task_and_attention, build_request, frames_for_seconds
     from kandinsky5.pipelines.request import ModelFacts
     from kandinsky5.runtime.memory_plan import choose_mode, format_gib, plan_memory
-    from kandinsky5.variants import FPS
+    from kandinsky5.variants import FPS, Task
 
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
@@ -174,19 +181,26 @@ def cmd_plan(args) -> int:
         raise UsageError(f"--free-gib must be a number of GiB >= 0, got {args.free_gib}")
     args.variant, checkpoint = _resolve_model(args, whole_checkpoint=False)
     task, nabla = _task_and_attention(args.variant, checkpoint)
+    configs = None
+    if task is None:  # a hub id of no known variant: its configs tell whether it makes images
+        configs = pipeline_configs(args.model, args.variant, checkpoint)
+        if configs.makes_images:
+            task = Task.IMAGE_TO_IMAGE if configs.edits else Task.TEXT_TO_IMAGE
     if task is not None and task.makes_images:
-        raise UsageError(
-            f"--model: {args.model} is an image model; `kandinsky5 plan` estimates the video models' memory only "
-            "(an image model's generate runs --offload none unless told --offload model, blocks or sequential)"
-        )
-    fps = args.fps if args.fps is not None else (args.variant.fps if args.variant else FPS)
-    if fps < 1:
-        raise UsageError(f"--fps must be >= 1, got {fps}")
-    if args.seconds is not None:
-        args.frames = frames_for_seconds(args.seconds, fps)
-    # the plan is the text-to-video one: an image-to-video model's image encode (one frame) is far below its peaks
-    request = build_request(args, ModelFacts(variant=args.variant, nabla=nabla), None)
-    configs = pipeline_configs(args.model, args.variant, checkpoint)
+        check_image_plan_options(args, task)
+        # sized as the pipeline sizes an image: the defaults, then the nearest trained size (snap_image_size)
+        request = build_request(args, ModelFacts(variant=args.variant, task=task), _placeholder_image(args, task))
+    else:
+        fps = args.fps if args.fps is not None else (args.variant.fps if args.variant else FPS)
+        if fps < 1:
+            raise UsageError(f"--fps must be >= 1, got {fps}")
+        if args.seconds is not None:
+            args.frames = frames_for_seconds(args.seconds, fps)
+        # the plan is the text-to-video one: an image-to-video model's image encode (one frame) is far below its
+        # peaks
+        request = build_request(args, ModelFacts(variant=args.variant, nabla=nabla), None)
+    if configs is None:
+        configs = pipeline_configs(args.model, args.variant, checkpoint)
     dtype = getattr(torch, PLAN_DEFAULT_DTYPE if args.dtype == "auto" else args.dtype)
     try:
         plan = plan_memory(configs, plan_inputs(args, request, dtype))
@@ -199,6 +213,31 @@ def cmd_plan(args) -> int:
         return 0
     print(f"free GPU memory: {format_gib(free)} ({source}): {choose_mode(plan, free).reason}")
     return 0
+
+
+def check_image_plan_options(args, task) -> None:
+    """An image model's plan takes no video length: ``--frames``, ``--seconds`` and ``--fps`` refused in one line,
+    as ``generate`` refuses them."""
+    from kandinsky5.cli.main import VIDEO_ONLY_OPTIONS, UsageError, model_kind
+
+    given = [flag for name, flag in VIDEO_ONLY_OPTIONS.items() if getattr(args, name, None) not in (None, False)]
+    if given:
+        verb = "is a video option" if len(given) == 1 else "are video options"
+        raise UsageError(f"{' and '.join(given)} {verb}; {model_kind(args.model, task)}: it makes still images")
+
+
+def _placeholder_image(args, task):
+    """The editing model's source image as the plan assumes it: of the output size (the default one when neither
+    ``--height`` nor ``--width`` is given), so that Qwen's vision tower sees it at half that size. ``None`` for
+    text-to-image."""
+    if not task.takes_image:
+        return None
+    from PIL import Image
+
+    from kandinsky5.variants import generation_defaults
+
+    defaults = generation_defaults(args.variant, task)
+    return Image.new("RGB", (defaults.width, defaults.height))
 
 
 def _free_memory(args) -> tuple[int | None, str]:
@@ -220,24 +259,36 @@ def format_plan(plan: MemoryPlan, model: str) -> list[str]:
     from kandinsky5.runtime.memory_plan import Phase, format_gib
 
     i = plan.inputs
-    tiling = {None: "auto", True: "on", False: "off"}[i.vae_tiling]
+    images, edits = plan.configs.makes_images, plan.configs.edits
+    auto = "auto" if plan.auto_tiles else "auto (the image VAE tiles only with --vae-tiling on)"
+    tiling = {None: auto, True: "on", False: "off"}[i.vae_tiling]
     guidance = ("batched" if i.batched_guidance else "two calls per step") if i.guidance else "off"
     quantized = [f"transformer {i.quantize_transformer}"] if i.quantize_transformer else []
     quantized += [f"text encoder {i.quantize_text_encoder}"] if i.quantize_text_encoder else []
+    if images:
+        what = "image editing" if edits else "text-to-image"
+        size = f"{i.width}x{i.height} {what}: {plan.sampling.tokens:,} visual tokens per image"
+    else:
+        size = f"{i.width}x{i.height}, {i.num_frames} frames: {plan.sampling.tokens:,} visual tokens per video"
+    text = f"text encoding {format_gib(max(plan.text.values()))}"
+    if plan.vision:
+        text += f" (Qwen's vision tower on the source image at half size: {format_gib(plan.vision)})"
+    decoding = f"decoding {format_gib(plan.decode)}"
+    if plan.encode:
+        decoding += f" (the source image's encode: {format_gib(plan.encode)})"
     lines = [
         f"memory plan of {model} ({plan.configs.source})",
-        f"{i.width}x{i.height}, {i.num_frames} frames: {plan.sampling.tokens:,} visual tokens per video; batch "
-        f"{i.batch}; guidance {guidance}; {str(i.dtype).removeprefix('torch.')}"
+        f"{size}; batch {i.batch}; guidance {guidance}; {str(i.dtype).removeprefix('torch.')}"
         + (f"; quantized: {', '.join(quantized)}" if quantized else "")
         + f"; VAE tiling {tiling}",
         "weights (parameters): "
         + ", ".join(f"{w.label} {format_gib(w.bytes)} ({w.parameters / 1e9:.3f} B)" for w in plan.weights),
-        f"activations: text encoding {format_gib(max(plan.text.values()))}, sampling {format_gib(plan.sampling.peak)}"
-        f" (feed-forward hidden {format_gib(plan.sampling.hidden)}), decoding {format_gib(plan.decode)}",
+        f"activations: {text}, sampling {format_gib(plan.sampling.peak)}"
+        f" (feed-forward hidden {format_gib(plan.sampling.hidden)}), {decoding}",
         "",
     ]
     rows = [("mode", "phase", "GPU weights", "activations", "GPU peak", "host", "pinned")]
-    tiled = plan.replace(vae_tiling=True) if i.vae_tiling is None else None
+    tiled = plan.replace(vae_tiling=True) if i.vae_tiling is None and plan.auto_tiles else None
     for mode_plan in plan.modes:
         phases = list(mode_plan.phases)
         if tiled is not None:
@@ -263,8 +314,11 @@ def format_plan(plan: MemoryPlan, model: str) -> list[str]:
     lines += [
         "",
         f"loading holds every weight in host memory before placing it: up to {format_gib(plan.weights_bytes)}; "
-        "block mode keeps the streamed blocks pinned (page-locked)",
+        "block mode keeps the streamed blocks pinned (page-locked)"
+        + ("; block mode brings the editing model's vision tower to the GPU with Qwen" if edits else ""),
     ]
+    if images:
+        lines.append("image models: estimates from traces of our networks, not yet checked against a GPU measurement")
     return lines
 
 
@@ -287,15 +341,6 @@ def resolve_generate_offload(args, request, device, dtype) -> None:
     if device.type != "cuda":
         if args.offload == "auto":
             args.offload = "none"
-        return
-    task = getattr(args, "task", None)
-    if task is not None and task.makes_images:  # the memory plan models the video networks only
-        if args.offload == "auto":
-            args.offload = "none"
-            say(
-                "offload: none (no memory plan for the image models; --offload model, blocks or sequential save GPU "
-                "memory)"
-            )
         return
     plan, why_not = _generate_plan(args, request, dtype)
     free = free_gpu_bytes(device)

@@ -3,7 +3,8 @@ the checkpoint's configs alone (no weight is read), and the fastest mode that fi
 
 Weights are counted exactly: the four networks are built on the ``meta`` device from their configs (our
 :class:`~kandinsky5.models.dit.Kandinsky5Transformer3DModel` and
-:class:`~kandinsky5.models.vae.AutoencoderKLHunyuanVideo`, transformers' ``Qwen2_5_VLForConditionalGeneration`` and
+:class:`~kandinsky5.models.vae.AutoencoderKLHunyuanVideo` or the image models'
+:class:`~kandinsky5.models.vae2d.AutoencoderKL2D`, transformers' ``Qwen2_5_VLForConditionalGeneration`` and
 ``CLIPTextModel``), so nothing is allocated, and each parameter is counted at the bytes it is stored in: the
 compute dtype, 4 bytes in the DiT's float32 islands (``_keep_in_fp32_modules``), and the low-bit layouts of
 :mod:`kandinsky5.runtime.quantization` for the layers it quantizes (its own rules decide which).
@@ -22,6 +23,15 @@ Activations follow a written model per phase (the constants below, each with wha
 - **decoding**: the VAE's own estimate (:func:`kandinsky5.runtime.vae_tiling.untiled_decode_peak_bytes`, calibrated
   on the reference's measured 21.5 GiB) for one temporal chunk, or one spatial tile when tiling, plus the decoded
   video kept for blending; or the video's conversion to float frames, when larger.
+
+**Image models** (text-to-image, editing: :attr:`PipelineConfigs.makes_images`, told by the VAE's ``_class_name``
+``AutoencoderKL``, FLUX's 2D VAE) run the same phases on one frame: ``L = (H / 16) x (W / 16)`` tokens (4,096 at
+1024x1024; editing's condition latents are extra channels of the same tokens), Qwen's template prefix of the image
+templates and ``max_sequence_length`` 512 (editing 1024, the source image's tokens included), and the 2D VAE's
+decode (:func:`image_decode_activations`; editing also encodes the source image, :func:`image_encode_activations`,
+and runs Qwen's vision tower on it at half size, :func:`vision_activations`; in ``blocks`` mode the vision tower is
+resident with Qwen's other non-block weights). The 2D VAE does not tile by itself: the plan tiles its decode only
+when ``vae_tiling`` is True. These figures are estimates from traces, not yet checked against a GPU measurement.
 
 The counts were taken by tracing our own blocks' live tensors (bfloat16); they reproduce diffusers 0.42.1's
 measured peaks (:data:`ANCHORS`, H100, bf16) within a few percent, although diffusers' blocks hold about one more
@@ -188,6 +198,30 @@ TEXT_STREAM_TENSORS = 3
 # clamped copies, and the float32 copy (two compute-dtype sizes in bf16).
 POSTPROCESS_VIDEO_COPIES = 5
 
+# The image models. Their Qwen template prefixes with the real tokenizer (models/text_encoders.py): text-to-image's,
+# and editing's crop (its prefix plus EDIT_CROP_PAST_PREFIX), the most tokens before max_sequence_length's.
+T2I_TEMPLATE_PREFIX_TOKENS = 40
+EDIT_TEMPLATE_PREFIX_TOKENS = 54
+# The class name of the image models' VAE in vae/config.json (diffusers' AutoencoderKL: our AutoencoderKL2D).
+IMAGE_VAE_CLASS_NAME = "AutoencoderKL"
+# The 2D VAE's peak live tensors, in tensors of (pixels x block_out_channels[0]) values at full resolution, counted
+# by tracing our AutoencoderKL2D on the meta device (bf16, 1536 and 1280 bytes per pixel with the FLUX VAE's 128
+# channels): decoding peaks in the last resnet stack's first resnet (its 256-channel input, GroupNorm and SiLU
+# outputs), encoding in the first down block's resnets.
+IMAGE_DECODE_TENSORS = 6
+IMAGE_ENCODE_TENSORS = 5
+# Convolution workspaces and allocator rounding on top of the live tensors: the video VAE's measured decode peak
+# (21.5 GiB, vae_tiling.REFERENCE_DECODE_PEAK_BYTES) over the same trace of our 3D decoder (14.4 GiB). Assumed to
+# hold for the 2D VAE until a GPU measures it.
+VAE_WORKSPACE_FACTOR = 1.5
+# Outputs of a tiled 2D decode alive at once: the decoded tiles and the stitched image, about twice the image.
+IMAGE_TILED_KEPT_COPIES = 2
+# Qwen's vision tower (editing) on the source image at 1 / EDIT_IMAGE_DOWNSCALE of the output size, per layer:
+# hidden-width tensors alive (the residual, the normed input, query, key and value), the MLP's three widened ones,
+# attention scores as the math path holds them (float32 scores and softmax); plus the patches it reads.
+EDIT_IMAGE_DOWNSCALE = 2
+VISION_LAYER_TENSORS = 5
+
 
 def format_gib(num_bytes: float) -> str:
     """Bytes as GiB, the one format of every figure the plan prints: ``12.3 GiB`` (two decimals below 1 GiB)."""
@@ -263,6 +297,29 @@ QWEN2_5_VL_7B = dict(
         temporal_patch_size=2,
     ),
 )
+# The image models' DiT (Lite image: shared/reference/README.md's facts; visual_cond True for editing) and FLUX's
+# 2D VAE (diffusers AutoencoderKL config of FLUX.1: the official image checkpoints' vae/config.json).
+IMAGE_DIT = dict(
+    time_dim=512, model_dim=2560, ff_dim=10240, num_text_blocks=2, num_visual_blocks=50, axes_dims=(32, 48, 48)
+)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    force_upcast=True,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
 CLIP_VIT_L14_TEXT = dict(
     model_type="clip_text_model",
     hidden_act="quick_gelu",
@@ -307,18 +364,49 @@ class PipelineConfigs:
     def for_variant(cls, variant) -> PipelineConfigs:
         """Built-in configs of an official :class:`~kandinsky5.variants.Variant` (no file read)."""
         from kandinsky5.models.vae import HunyuanVideoVAEConfig
-        from kandinsky5.variants import AttentionType
+        from kandinsky5.models.vae2d import AutoencoderKL2DConfig
+        from kandinsky5.variants import AttentionType, Task
 
-        transformer = dict(DIT_COMMON, **DIT_SIZES[str(variant.model_size)])
+        if variant.makes_images:
+            transformer = dict(DIT_COMMON, **IMAGE_DIT, visual_cond=variant.task is Task.IMAGE_TO_IMAGE)
+            vae = {"_class_name": IMAGE_VAE_CLASS_NAME, **AutoencoderKL2DConfig(**FLUX_VAE).to_dict()}
+        else:
+            transformer = dict(DIT_COMMON, **DIT_SIZES[str(variant.model_size)])
+            vae = HunyuanVideoVAEConfig().to_dict()
         if variant.attention is AttentionType.NABLA:
             transformer.update(NABLA_ATTENTION)
         return cls(
             transformer=transformer,
-            vae=HunyuanVideoVAEConfig().to_dict(),
+            vae=vae,
             text_encoder=dict(QWEN2_5_VL_7B),
             text_encoder_2=dict(CLIP_VIT_L14_TEXT),
             source=f"the built-in configs of {variant.short_name}",
         )
+
+    @property
+    def makes_images(self) -> bool:
+        """An image model's configs: the VAE is FLUX's 2D one (``_class_name`` ``AutoencoderKL``)."""
+        return is_image_vae(self.vae)
+
+    @property
+    def edits(self) -> bool:
+        """The image-editing model's: an image model whose transformer takes condition latents (``visual_cond``);
+        Qwen's vision tower then runs on the source image."""
+        return self.makes_images and bool(self.transformer.get("visual_cond", False))
+
+
+def is_image_vae(vae_config: dict[str, Any]) -> bool:
+    """Whether a ``vae/config.json`` is the image models' 2D VAE (what loading decides by, ``_class_name``; none
+    means the video VAE)."""
+    return vae_config.get("_class_name") == IMAGE_VAE_CLASS_NAME
+
+
+def vae_compression(vae_config: dict[str, Any]) -> tuple[int, int]:
+    """(spatial, temporal) compression of a VAE config: the 2D VAE halves each side per block after the first and
+    keeps frames (an image is one); the video VAE's config says both."""
+    if is_image_vae(vae_config):
+        return 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1), 1
+    return vae_config.get("spatial_compression_ratio", 8), vae_config.get("temporal_compression_ratio", 4)
 
 
 def _without_private(config: dict[str, Any]) -> dict[str, Any]:
@@ -360,9 +448,10 @@ class BlockGroup:
 class ComponentWeights:
     """One network's weights as stored, and the parts each mode places.
 
-    ``unused_bytes``: parts the pipeline never runs (Qwen's vision tower and language-model head): moved with the
-    component in ``model`` mode, left on the host in ``blocks`` mode. ``layer_bytes``: the most weight on the GPU at
-    once in ``sequential`` mode, the own tensors of a chain of nested modules whose forwards run together.
+    ``unused_bytes``: parts the pipeline never runs (Qwen's language-model head, and its vision tower but for the
+    editing model): moved with the component in ``model`` mode, left on the host in ``blocks`` mode.
+    ``layer_bytes``: the most weight on the GPU at once in ``sequential`` mode, the own tensors of a chain of nested
+    modules whose forwards run together.
     """
 
     name: str
@@ -499,11 +588,15 @@ def _meta_transformer(config: dict[str, Any]):
         return Kandinsky5Transformer3DModel.from_config(_without_private(config))
 
 
-def _meta_vae(config: dict[str, Any], dtype: torch.dtype):
-    from kandinsky5.models.vae import AutoencoderKLHunyuanVideo
+def _meta_vae(config: dict[str, Any], dtype: torch.dtype, image: bool = False):
+    """The video VAE, or with ``image`` the image models' 2D VAE, on the meta device."""
+    if image:
+        from kandinsky5.models.vae2d import AutoencoderKL2D as vae_class
+    else:
+        from kandinsky5.models.vae import AutoencoderKLHunyuanVideo as vae_class
 
     with torch.device("meta"):
-        return AutoencoderKLHunyuanVideo.from_config(_without_private(config)).to(dtype)
+        return vae_class.from_config(_without_private(config)).to(dtype)
 
 
 def _meta_qwen(config: dict[str, Any]):
@@ -540,15 +633,19 @@ def _transformer_weights(config_json: str, dtype: torch.dtype, mode: str | None)
 
 
 @lru_cache(maxsize=8)
-def _text_encoder_weights(config_json: str, dtype: torch.dtype, mode: str | None) -> ComponentWeights:
-    from kandinsky5.runtime.block_offload import TEXT_ENCODER_UNUSED
+def _text_encoder_weights(
+    config_json: str, dtype: torch.dtype, mode: str | None, vision_input: bool = False
+) -> ComponentWeights:
+    """Qwen's weights; ``vision_input``: the editing model's, whose vision tower runs (resident in block mode)."""
+    from kandinsky5.runtime.block_offload import TEXT_ENCODER_UNUSED, TEXT_ENCODER_VISION
     from kandinsky5.runtime.quantization import text_encoder_layers
 
     qwen = _meta_qwen(json.loads(config_json))
     quantized = frozenset(text_encoder_layers(qwen)) if mode else frozenset()
     layers = next(path for path in ("model.language_model.layers", "model.layers") if _has_submodule(qwen, path))
+    unused = tuple(p for p in TEXT_ENCODER_UNUSED if not (vision_input and p == TEXT_ENCODER_VISION))
     return _component_weights(
-        TEXT_ENCODER, qwen, _plain_itemsize(dtype), quantized, mode, [("decoder layers", layers)], TEXT_ENCODER_UNUSED
+        TEXT_ENCODER, qwen, _plain_itemsize(dtype), quantized, mode, [("decoder layers", layers)], unused
     )
 
 
@@ -559,8 +656,8 @@ def _clip_weights(config_json: str, dtype: torch.dtype) -> ComponentWeights:
 
 
 @lru_cache(maxsize=8)
-def _vae_weights(config_json: str, dtype: torch.dtype) -> ComponentWeights:
-    vae = _cached_meta_vae(config_json, dtype)
+def _vae_weights(config_json: str, dtype: torch.dtype, image: bool = False) -> ComponentWeights:
+    vae = _cached_meta_vae(config_json, dtype, image)
     return _component_weights(VAE, vae, _plain_itemsize(dtype), frozenset(), None, [])
 
 
@@ -582,10 +679,10 @@ def component_weights(configs: PipelineConfigs, inputs: PlanInputs) -> tuple[Com
     """Every network's weights as ``inputs`` store them (dtype, quantization), counted on ``meta`` builds (cached)."""
     dtype = inputs.dtype
     return (
-        _text_encoder_weights(_json(configs.text_encoder), dtype, inputs.quantize_text_encoder),
+        _text_encoder_weights(_json(configs.text_encoder), dtype, inputs.quantize_text_encoder, configs.edits),
         _clip_weights(_json(configs.text_encoder_2), dtype),
         _transformer_weights(_json(configs.transformer), dtype, inputs.quantize_transformer),
-        _vae_weights(_json(configs.vae), dtype),
+        _vae_weights(_json(configs.vae), dtype, configs.makes_images),
     )
 
 
@@ -675,9 +772,9 @@ class SamplingActivations:
 
 
 def visual_tokens(transformer: dict[str, Any], vae: dict[str, Any], height: int, width: int, frames: int) -> int:
-    """``L``: latent frames x (H / (8 x 2)) x (W / (8 x 2)) for the official VAE and patch size."""
-    spatial = vae.get("spatial_compression_ratio", 8)
-    temporal = vae.get("temporal_compression_ratio", 4)
+    """``L``: latent frames x (H / (8 x 2)) x (W / (8 x 2)) for the official VAE and patch size (an image: one
+    latent frame)."""
+    spatial, temporal = vae_compression(vae)
     pt, ph, pw = transformer.get("patch_size", (1, 2, 2))
     latent_frames = (frames - 1) // temporal + 1
     return (latent_frames // pt) * (height // spatial // ph) * (width // spatial // pw)
@@ -725,15 +822,44 @@ def _ff_hidden_bytes(batch: int, tokens: int, ff_dim: int, itemsize: int) -> int
 
 
 def text_activations(configs: PipelineConfigs, inputs: PlanInputs) -> dict[str, int]:
-    """Activation bytes of each text encoder's call (the prompt's; the negative prompt's is another such call)."""
+    """Activation bytes of each text encoder's call (the prompt's; the negative prompt's is another such call); the
+    editing model's Qwen figure includes its vision tower's (:func:`vision_activations`)."""
     qwen = _text_dims(_qwen_config(configs.text_encoder))
     clip = _clip_text_config(configs.text_encoder_2)
     s = inputs.dtype.itemsize
-    qwen_tokens = TEMPLATE_PREFIX_TOKENS + inputs.max_sequence_length
+    prefix = TEMPLATE_PREFIX_TOKENS
+    if configs.makes_images:
+        prefix = EDIT_TEMPLATE_PREFIX_TOKENS if configs.edits else T2I_TEMPLATE_PREFIX_TOKENS
+    qwen_tokens = prefix + inputs.max_sequence_length
+    qwen_bytes = _text_model_bytes(qwen, qwen_tokens, inputs.batch, s, kept=qwen.num_hidden_layers + 1)
     return {
-        TEXT_ENCODER: _text_model_bytes(qwen, qwen_tokens, inputs.batch, s, kept=qwen.num_hidden_layers + 1),
+        TEXT_ENCODER: qwen_bytes + vision_activations(configs, inputs),
         TEXT_ENCODER_2: _text_model_bytes(clip, clip.max_position_embeddings, inputs.batch, s, kept=1),
     }
+
+
+def vision_patches(vision_config, height: int, width: int) -> int:
+    """Patches Qwen's vision tower sees of an editing model's ``height x width`` source image: half its size,
+    rounded to whole merged patches (Qwen2-VL's image processor; within its pixel bounds at these sizes)."""
+    patch, merge = vision_config.patch_size, vision_config.spatial_merge_size
+    unit = patch * merge
+    rows, cols = (max(unit, round(side / EDIT_IMAGE_DOWNSCALE / unit) * unit) for side in (height, width))
+    return (rows // patch) * (cols // patch)
+
+
+def vision_activations(configs: PipelineConfigs, inputs: PlanInputs) -> int:
+    """Activation bytes of Qwen's vision tower on the editing model's source image (taken to be of the output
+    size), one per prompt; 0 for the other models. Small: about 1,300 patches at 1024x1024."""
+    if not configs.edits:
+        return 0
+    vision = _qwen_config(configs.text_encoder).vision_config
+    s, b = inputs.dtype.itemsize, inputs.batch
+    patches = vision_patches(vision, inputs.height, inputs.width)
+    hidden = b * patches * vision.hidden_size * s
+    mlp = TEXT_MLP_TENSORS * b * patches * vision.intermediate_size * s
+    scores = TEXT_ATTENTION_SCORE_TENSORS * b * vision.num_heads * patches * patches * TEXT_SCORE_ITEMSIZE
+    pixels = b * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * s
+    return pixels + VISION_LAYER_TENSORS * hidden + max(mlp, scores)
 
 
 def _text_model_bytes(config, tokens: int, batch: int, itemsize: int, kept: int) -> int:
@@ -776,8 +902,50 @@ def decode_activations(
 
 
 @lru_cache(maxsize=8)
-def _cached_meta_vae(config_json: str, dtype: torch.dtype):
-    return _meta_vae(json.loads(config_json), dtype)
+def _cached_meta_vae(config_json: str, dtype: torch.dtype, image: bool = False):
+    return _meta_vae(json.loads(config_json), dtype, image)
+
+
+def _image_vae_peak(
+    vae_config: dict[str, Any], height: int, width: int, batch: int, dtype: torch.dtype, tiled: bool, tensors: int
+) -> tuple[int, int, int]:
+    """(the 2D VAE's peak activations on one ``height x width`` image or tile, the tile's height and width)."""
+    from kandinsky5.models.vae2d import AutoencoderKL2DConfig
+
+    config = AutoencoderKL2DConfig.from_dict(_without_private(vae_config))
+    size = config.sample_size
+    tile = size[0] if isinstance(size, (list, tuple)) else size
+    if tiled and max(height, width) > tile:
+        height, width = min(height, tile), min(width, tile)
+    values = tensors * height * width * config.block_out_channels[0]
+    return int(batch * values * dtype.itemsize * VAE_WORKSPACE_FACTOR), height, width
+
+
+def image_decode_activations(
+    vae_config: dict[str, Any], latent_height: int, latent_width: int, batch: int, dtype: torch.dtype, tiled: bool
+) -> int:
+    """Peak activation bytes of the image models' 2D VAE decoding ``batch`` latents of this size:
+    :data:`IMAGE_DECODE_TENSORS` full-resolution tensors of ``block_out_channels[0]`` channels, times
+    :data:`VAE_WORKSPACE_FACTOR`, of the image or (``tiled``) of one ``sample_size`` tile, whose outputs are kept for
+    stitching; or the images' conversion to float, when larger."""
+    ratio = 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
+    height, width = latent_height * ratio, latent_width * ratio
+    tensors = IMAGE_DECODE_TENSORS
+    peak, tile_height, tile_width = _image_vae_peak(vae_config, height, width, batch, dtype, tiled, tensors)
+    out_channels = vae_config.get("out_channels", 3)
+    image = batch * out_channels * height * width * dtype.itemsize
+    kept = IMAGE_TILED_KEPT_COPIES * image if (tile_height, tile_width) != (height, width) else image
+    return max(peak + kept, POSTPROCESS_VIDEO_COPIES * image)
+
+
+def image_encode_activations(
+    vae_config: dict[str, Any], height: int, width: int, batch: int, dtype: torch.dtype, tiled: bool
+) -> int:
+    """Peak activation bytes of the 2D VAE encoding ``batch`` source images of ``height x width`` pixels (the
+    editing model, at the output size): :data:`IMAGE_ENCODE_TENSORS` full-resolution tensors, as the decode."""
+    peak, _, _ = _image_vae_peak(vae_config, height, width, batch, dtype, tiled, IMAGE_ENCODE_TENSORS)
+    in_channels = vae_config.get("in_channels", 3)
+    return peak + batch * in_channels * height * width * dtype.itemsize
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -834,6 +1002,10 @@ class MemoryPlan:
     text: dict[str, int]
     decode: int
     modes: tuple[ModePlan, ...]
+    # the editing model: the source image's VAE encode (the VAE's figure is the larger of it and the decode) and
+    # Qwen's vision tower (inside text["text_encoder"])
+    encode: int = 0
+    vision: int = 0
 
     def mode(self, mode: Mode | str) -> ModePlan:
         mode = Mode(mode)
@@ -848,6 +1020,12 @@ class MemoryPlan:
         return bool(self.inputs.vae_tiling)
 
     @property
+    def auto_tiles(self) -> bool:
+        """Whether the VAE tiles by itself when memory is short (``vae_tiling`` None): the video VAE does; the image
+        models' 2D VAE tiles only when told."""
+        return not self.configs.makes_images
+
+    @property
     def weights_bytes(self) -> int:
         return sum(w.bytes for w in self.weights)
 
@@ -860,28 +1038,33 @@ def plan_memory(configs: PipelineConfigs, inputs: PlanInputs) -> MemoryPlan:
     """Estimate every mode's GPU and host memory per phase for ``inputs`` on the networks of ``configs``, without
     reading a weight (the networks are built on the ``meta`` device; weights cached per configs, dtype and
     quantization)."""
+    if configs.makes_images and inputs.num_frames != 1:
+        raise ValueError(f"an image model makes one frame: num_frames must be 1, got {inputs.num_frames}")
     vae = _without_private(configs.vae)
     weights = component_weights(configs, inputs)
-    spatial = vae.get("spatial_compression_ratio", 8)
-    temporal = vae.get("temporal_compression_ratio", 4)
-    decode = decode_activations(
-        vae,
-        (inputs.num_frames - 1) // temporal + 1,
-        inputs.height // spatial,
-        inputs.width // spatial,
-        inputs.batch,
-        inputs.dtype,
-        tiled=bool(inputs.vae_tiling),
-    )
+    spatial, temporal = vae_compression(configs.vae)
+    latent_height, latent_width = inputs.height // spatial, inputs.width // spatial
+    tiled = bool(inputs.vae_tiling)
+    encode = 0
+    if configs.makes_images:
+        decode = image_decode_activations(vae, latent_height, latent_width, inputs.batch, inputs.dtype, tiled)
+        if configs.edits:
+            encode = image_encode_activations(vae, inputs.height, inputs.width, inputs.batch, inputs.dtype, tiled)
+    else:
+        latent_frames = (inputs.num_frames - 1) // temporal + 1
+        decode = decode_activations(
+            vae, latent_frames, latent_height, latent_width, inputs.batch, inputs.dtype, tiled=tiled
+        )
     sampling = sampling_activations(configs, inputs)
     text = text_activations(configs, inputs)
-    activations = {**text, TRANSFORMER: sampling.peak, VAE: decode}
+    activations = {**text, TRANSFORMER: sampling.peak, VAE: max(decode, encode)}
     by_name = {w.name: w for w in weights}
     modes = tuple(
         ModePlan(mode, tuple(_phase_memory(mode, phase, by_name, activations, inputs.slots) for phase in Phase))
         for mode in MODES
     )
-    return MemoryPlan(configs, inputs, weights, sampling, text, decode, modes)
+    vision = vision_activations(configs, inputs)
+    return MemoryPlan(configs, inputs, weights, sampling, text, decode, modes, encode, vision)
 
 
 def _phase_memory(
@@ -972,7 +1155,7 @@ def _best_attempt(plan: MemoryPlan, mode: Mode, free_bytes: int, margin: float) 
     tiling is automatic: the VAE then tiles by itself), with feed-forward chunks (when chunking is not set), or
     both. When nothing fits, the attempt with the lowest peak."""
     attempts = [plan]
-    if plan.inputs.vae_tiling is None:
+    if plan.inputs.vae_tiling is None and plan.auto_tiles:
         attempts.append(plan.replace(vae_tiling=True))
     for attempt in list(attempts):
         if attempt.inputs.ff_chunk_tokens is None:
@@ -1045,7 +1228,7 @@ def decode_plan_bytes(
 ) -> tuple[int, int, int]:
     """``kandinsky5 decode``'s memory: (VAE weight bytes, decode activation bytes, sequential offload's weight
     bytes) for channels-last latents ``(batch, frames, height, width, channels)``."""
-    weights = _vae_weights(_json(vae_config), dtype)
+    weights = _vae_weights(_json(vae_config), dtype, is_image_vae(vae_config))
     batch, frames, height, width = latent_shape[:4]
     return (
         weights.bytes,
