@@ -203,10 +203,12 @@ def test_models_lists_the_image_models_without_a_frame_rate(capsys):
         assert "height=1024 width=1024" in line and "fps=" not in line and "output=image" in line
 
 
-def test_plan_refuses_an_image_model(capsys):
-    assert main(["plan", "--model", "lite-t2i-sft"]) == 2
+def test_plan_takes_an_image_model_and_refuses_video_options(capsys):
+    assert main(["plan", "--model", "lite-t2i-sft"]) == 0
+    assert "1024x1024" in capsys.readouterr().out
+    assert main(["plan", "--model", "lite-t2i-sft", "--seconds", "5"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "image model" in line
+    assert "--seconds" in line
 
 
 def test_save_image_formats_and_quality(tmp_path):
