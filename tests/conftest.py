@@ -6,6 +6,7 @@ reproduce. The text side uses the real tokenizers from ``../shared/reference/tok
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ TINY_TRANSFORMER = dict(
 TINY_VAE = dict(tiny.TINY_VAE)
 # the official NABLA checkpoints' attention settings, on the tiny DiT
 NABLA_ATTENTION = dict(OFFICIAL_NABLA_ATTENTION)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def sigint_raises_keyboard_interrupt():
+    """Python's own SIGINT handler for the session, whatever the runner inherited (a shell's background job starts
+    with SIGINT ignored), since the interrupt tests raise SIGINT; the inherited one back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
