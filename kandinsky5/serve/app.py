@@ -538,20 +538,67 @@ def queue(settings: ServeSettings, store: JobStore, job_id: str, values: dict, i
         raise
 
 
-def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
-    """The stored values of a create request and its image (``None`` for text-to-video), checked as a pipeline
-    call would check them: the request is built with ``GenerationRequest.build`` on the loaded model's facts.
-    Raises :class:`ApiError` (400) naming the field."""
-    from kandinsky5.cli.main import MAX_SEED, UsageError, frames_for_seconds, size_for_image
-    from kandinsky5.pipelines.request import RequestError
-
+def parsed_params(settings: ServeSettings, params_class, fields: dict):
+    """``fields`` as ``params_class`` (a pydantic model), and the ``model`` they name, if any, the served one."""
     try:
-        params = VideoCreateParams.model_validate(fields)
+        params = params_class.model_validate(fields)
     except ValidationError as err:
         param, message = first_error(err.errors())
         raise ApiError(400, message, param) from err
     if params.model is not None and params.model.lower() not in settings.model_names:
         raise ApiError(400, f"model: this server serves {settings.model_id}, not {params.model!r}", "model")
+    return params
+
+
+def checked_seed(seed: int | None) -> int:
+    """The request's seed, within what a ``torch.Generator`` takes; a random one when none was given."""
+    from kandinsky5.cli.main import MAX_SEED
+
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"seed: must be within 0..{MAX_SEED}, got {seed}", "seed")
+    return secrets.randbelow(DEFAULT_SEED_BOUND) if seed is None else seed
+
+
+def checked_cache(settings: ServeSettings, asked: str | None, request) -> str:
+    """The step cache of a request (the server's default when not asked), available for its size and model."""
+    from kandinsky5.cli.main import UsageError
+
+    cache = asked or settings.default_cache
+    try:
+        step_cache_config(settings, cache, request)
+    except UsageError as err:
+        reason = str(err).removeprefix("--cache magcache: ")
+        raise ApiError(400, f"cache: {cache} is not available here ({reason})", "cache") from err
+    return cache
+
+
+def job_values(settings: ServeSettings, params, request, seed: int, cache: str, **more) -> dict:
+    """The stored values of a validated request (``more``: the image jobs' output count)."""
+    return dict(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=request.width,
+        height=request.height,
+        num_frames=request.num_frames,
+        fps=settings.fps,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        seed=seed,
+        mode=settings.task,
+        cache=cache,
+        expand_prompt=request.expand_prompt,
+        **more,
+    )
+
+
+def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
+    """The stored values of a create request and its image (``None`` for text-to-video), checked as a pipeline
+    call would check them: the request is built with ``GenerationRequest.build`` on the loaded model's facts.
+    Raises :class:`ApiError` (400) naming the field."""
+    from kandinsky5.cli.main import UsageError, frames_for_seconds, size_for_image
+    from kandinsky5.pipelines.request import RequestError
+
+    params = parsed_params(settings, VideoCreateParams, fields)
     if params.seconds is not None and params.num_frames is not None:
         raise ApiError(400, "seconds: give seconds or num_frames, not both", "seconds")
     image = decode_image(image_bytes, "input_reference") if image_bytes is not None else None
@@ -581,11 +628,7 @@ def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
             raise ApiError(400, f"seconds must be a positive number, got {params.seconds}", "seconds") from err
         except OverflowError as err:  # 1e308 seconds: infinitely many frames
             raise ApiError(400, f"seconds: {params.seconds} is too long", "seconds") from err
-    seed = params.seed
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ApiError(400, f"seed: must be within 0..{MAX_SEED}, got {seed}", "seed")
-    if seed is None:
-        seed = secrets.randbelow(DEFAULT_SEED_BOUND)
+    seed = checked_seed(params.seed)
     try:
         request = generation_request(
             settings,
@@ -602,27 +645,8 @@ def validate(settings: ServeSettings, fields: dict, image_bytes: bytes | None):
     except RequestError as err:
         field = field_of_parameter(err.parameter, params)
         raise ApiError(400, f"{field}: {err}", field) from err
-    cache = params.cache or settings.default_cache
-    try:
-        step_cache_config(settings, cache, request)
-    except UsageError as err:
-        reason = str(err).removeprefix("--cache magcache: ")
-        raise ApiError(400, f"cache: {cache} is not available here ({reason})", "cache") from err
-    values = dict(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        width=request.width,
-        height=request.height,
-        num_frames=request.num_frames,
-        fps=settings.fps,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        seed=seed,
-        mode=settings.task,
-        cache=cache,
-        expand_prompt=request.expand_prompt,
-    )
-    return values, image
+    cache = checked_cache(settings, params.cache, request)
+    return job_values(settings, params, request, seed, cache), image
 
 
 def submit_images(settings: ServeSettings, store: JobStore, fields: dict, image_bytes: bytes | None) -> tuple[Job, str]:
@@ -637,17 +661,10 @@ def validate_images(settings: ServeSettings, fields: dict, image_bytes: bytes | 
     ``response_format``, checked by building the request with ``GenerationRequest.build`` on the model's facts. A
     ``size`` must be one of the model's sizes (absent or ``auto``: the model's default, for editing the image's
     shape). Raises :class:`ApiError` (400) naming the field."""
-    from kandinsky5.cli.main import MAX_SEED, UsageError
     from kandinsky5.pipelines.image import IMAGE_FRAMES
     from kandinsky5.pipelines.request import RequestError
 
-    try:
-        params = ImageCreateParams.model_validate(fields)
-    except ValidationError as err:
-        param, message = first_error(err.errors())
-        raise ApiError(400, message, param) from err
-    if params.model is not None and params.model.lower() not in settings.model_names:
-        raise ApiError(400, f"model: this server serves {settings.model_id}, not {params.model!r}", "model")
+    params = parsed_params(settings, ImageCreateParams, fields)
     image = decode_image(image_bytes, "image") if image_bytes is not None else None
     width = height = None
     if params.size is not None and params.size.strip().lower() != "auto":
@@ -656,11 +673,7 @@ def validate_images(settings: ServeSettings, fields: dict, image_bytes: bytes | 
         if (width, height) not in {(size.width, size.height) for size in sizes}:
             names = ", ".join(f"{size.width}x{size.height}" for size in sizes)
             raise ApiError(400, f"size: {width}x{height} is not one of this model's sizes ({names}) nor auto", "size")
-    seed = params.seed
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ApiError(400, f"seed: must be within 0..{MAX_SEED}, got {seed}", "seed")
-    if seed is None:
-        seed = secrets.randbelow(DEFAULT_SEED_BOUND)
+    seed = checked_seed(params.seed)
     count = params.n or 1
     try:
         request = generation_request(
@@ -678,28 +691,8 @@ def validate_images(settings: ServeSettings, fields: dict, image_bytes: bytes | 
     except RequestError as err:
         field = next((f for f, names in IMAGE_PARAMETER_OF_FIELD.items() if err.parameter in names), err.parameter)
         raise ApiError(400, f"{field}: {err}", field) from err
-    cache = params.cache or settings.default_cache
-    try:
-        step_cache_config(settings, cache, request)
-    except UsageError as err:
-        reason = str(err).removeprefix("--cache magcache: ")
-        raise ApiError(400, f"cache: {cache} is not available here ({reason})", "cache") from err
-    values = dict(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        width=request.width,
-        height=request.height,
-        num_frames=IMAGE_FRAMES,
-        fps=settings.fps,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        seed=seed,
-        mode=settings.task,
-        cache=cache,
-        expand_prompt=False,
-        num_outputs=count,
-    )
-    return values, image, params.response_format
+    cache = checked_cache(settings, params.cache, request)
+    return job_values(settings, params, request, seed, cache, num_outputs=count), image, params.response_format
 
 
 def images_response(store: JobStore, job: Job, response_format: str, request: Request) -> dict:
