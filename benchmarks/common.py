@@ -229,3 +229,49 @@ def choose_run(args, parser, **smoke_overrides) -> tuple[str, torch.device, torc
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (use --smoke to check the script on a CPU)")
     return args.model, torch.device("cuda"), torch.bfloat16
+
+
+# the text side of the smoke runs: tiny encoders of this width
+SMOKE_TEXT_HIDDEN = 32
+
+
+def build_text_components(reference_dir: Path, name: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """The real tokenizers and random-weight text encoders (``smoke``: tiny ones of width SMOKE_TEXT_HIDDEN;
+    else Qwen2.5-VL-7B with its vision tower, and CLIP-L, from the official configs), each created once:
+    ``tokenizer``, ``tokenizer_2``, ``text_encoder``, ``text_encoder_2``."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir / "tokenizers" / "qwen2_5_vl"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(reference_dir / "tokenizers" / "clip_vit_large_patch14"))
+    if name == "smoke":
+        from kandinsky5.tiny_text import (
+            build_tiny_clip_text_encoder,
+            build_tiny_qwen_text_encoder,
+            qwen_vision_token_ids,
+        )
+
+        vision_ids = qwen_vision_token_ids(tokenizer)
+        text_encoder = build_tiny_qwen_text_encoder(
+            len(tokenizer), hidden_size=SMOKE_TEXT_HIDDEN, vision_token_ids=vision_ids
+        )
+        text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=SMOKE_TEXT_HIDDEN)
+    else:
+        checkpoint = reference_dir / "checkpoint-pro-5s"
+        qwen_config = Qwen2_5_VLConfig.from_pretrained(str(checkpoint / "text_encoder"))
+        clip_config = CLIPTextConfig.from_pretrained(str(checkpoint / "text_encoder_2"))
+        with torch.device(device):
+            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config, dtype=dtype)
+            text_encoder_2 = CLIPTextModel._from_config(clip_config, dtype=dtype)
+    return dict(
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        text_encoder=text_encoder.to(device, dtype).eval().requires_grad_(False),
+        text_encoder_2=text_encoder_2.to(device, dtype).eval().requires_grad_(False),
+    )

@@ -85,7 +85,6 @@ IMAGE_VAE = dict(
 )
 # Smoke runs: the tiny text encoders' width; the package's tiny image VAE narrowed further (its decode at 1024x1024,
 # the size diffusers insists on, is most of a smoke run's time); the latent size of the separate VAE timing.
-SMOKE_TEXT_HIDDEN = 32
 SMOKE_VAE = dict(TINY_IMAGE_VAE, block_out_channels=[4, 4, 8, 8])
 SMOKE_DECODE_LATENT = 32
 
@@ -93,7 +92,7 @@ SMOKE_DECODE_LATENT = 32
 def dit_config(name: str, edit: bool) -> dict:
     """The image DiT (the package's tiny one for ``smoke``), with the condition channels for editing."""
     config = (
-        dict(common.SMOKE, in_text_dim=SMOKE_TEXT_HIDDEN, in_text_dim2=SMOKE_TEXT_HIDDEN)
+        dict(common.SMOKE, in_text_dim=common.SMOKE_TEXT_HIDDEN, in_text_dim2=common.SMOKE_TEXT_HIDDEN)
         if name == "smoke"
         else IMAGE_DIT
     )
@@ -139,47 +138,13 @@ def qwen_processor(tokenizer):
 
 
 def build_shared_components(name: str, edit: bool, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random-weight components, each created once; returns kwargs for both pipelines' constructors."""
-    from transformers import (
-        AutoTokenizer,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "qwen2_5_vl"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "clip_vit_large_patch14"))
-    if name == "smoke":
-        from kandinsky5.tiny_text import (
-            build_tiny_clip_text_encoder,
-            build_tiny_qwen_text_encoder,
-            qwen_vision_token_ids,
-        )
-
-        vision_ids = qwen_vision_token_ids(tokenizer)
-        text_encoder = build_tiny_qwen_text_encoder(
-            len(tokenizer), hidden_size=SMOKE_TEXT_HIDDEN, vision_token_ids=vision_ids
-        )
-        text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=SMOKE_TEXT_HIDDEN)
-    else:  # the image models' text encoders are the video models': Qwen2.5-VL-7B (vision tower too) and CLIP-L
-        checkpoint = REFERENCE_DIR / "checkpoint-pro-5s"
-        qwen_config = Qwen2_5_VLConfig.from_pretrained(str(checkpoint / "text_encoder"))
-        clip_config = CLIPTextConfig.from_pretrained(str(checkpoint / "text_encoder_2"))
-        with torch.device(device):
-            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config, dtype=dtype)
-            text_encoder_2 = CLIPTextModel._from_config(clip_config, dtype=dtype)
-    text_encoder = text_encoder.to(device, dtype).eval().requires_grad_(False)
-    text_encoder_2 = text_encoder_2.to(device, dtype).eval().requires_grad_(False)
+    """Random-weight components, each created once; returns kwargs for both pipelines' constructors. The image
+    models' text encoders are the video models' (Qwen2.5-VL-7B, its vision tower too, and CLIP-L)."""
+    shared = common.build_text_components(REFERENCE_DIR, name, device, dtype)
+    if edit:
+        shared["tokenizer"] = qwen_processor(shared["tokenizer"])
     ours_dit, reference_dit = build_models(dit_config(name, edit), device, dtype)
     ours_vae, reference_vae = build_vae_pair(name, device, dtype)
-    shared = dict(
-        text_encoder=text_encoder,
-        tokenizer=qwen_processor(tokenizer) if edit else tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-    )
     return {
         "ours": dict(shared, transformer=ours_dit, vae=ours_vae),
         "reference": dict(shared, transformer=reference_dit, vae=reference_vae),

@@ -77,38 +77,11 @@ def build_our_vae(name: str, device: torch.device, dtype: torch.dtype) -> Autoen
 
 def build_shared_components(name: str, device: torch.device, dtype: torch.dtype) -> dict:
     """Random-weight components, each created once; returns kwargs for both pipelines' constructors."""
-    from transformers import (
-        AutoTokenizer,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "qwen2_5_vl"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(REFERENCE_DIR / "tokenizers" / "clip_vit_large_patch14"))
-    checkpoint = REFERENCE_DIR / "checkpoint-pro-5s"
-    if name == "smoke":
-        from kandinsky5.tiny_text import build_tiny_clip_text_encoder, build_tiny_qwen_text_encoder
-
-        dit_config = dict(common.SMOKE, in_text_dim=32, in_text_dim2=32)
-        text_encoder = build_tiny_qwen_text_encoder(len(tokenizer), hidden_size=32)
-        text_encoder_2 = build_tiny_clip_text_encoder(len(tokenizer_2), hidden_size=32)
-    else:
-        dit_config = common.CONFIGS[name]
-        qwen_config = Qwen2_5_VLConfig.from_pretrained(str(checkpoint / "text_encoder"))
-        clip_config = CLIPTextConfig.from_pretrained(str(checkpoint / "text_encoder_2"))
-        with torch.device(device):
-            text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config, dtype=dtype)
-            text_encoder_2 = CLIPTextModel._from_config(clip_config, dtype=dtype)
-    text_encoder = text_encoder.to(device, dtype).eval().requires_grad_(False)
-    text_encoder_2 = text_encoder_2.to(device, dtype).eval().requires_grad_(False)
+    shared = common.build_text_components(REFERENCE_DIR, name, device, dtype)
+    smoke_text = dict(in_text_dim=common.SMOKE_TEXT_HIDDEN, in_text_dim2=common.SMOKE_TEXT_HIDDEN)
+    dit_config = dict(common.SMOKE, **smoke_text) if name == "smoke" else common.CONFIGS[name]
     ours_dit, reference_dit = build_models(dit_config, device, dtype)
     ours_vae, reference_vae = build_vae_pair(name, device, dtype)
-    shared = dict(
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2
-    )
     return {
         "ours": dict(shared, transformer=ours_dit, vae=ours_vae.eval()),
         "reference": dict(shared, transformer=reference_dit, vae=reference_vae),
