@@ -10,6 +10,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -275,3 +276,37 @@ def build_text_components(reference_dir: Path, name: str, device: torch.device, 
         text_encoder=text_encoder.to(device, dtype).eval().requires_grad_(False),
         text_encoder_2=text_encoder_2.to(device, dtype).eval().requires_grad_(False),
     )
+
+
+@dataclass
+class TimedCall:
+    """A pipeline call's output and clock readings: its start, each denoising step's end, its end."""
+
+    output: object
+    start: float
+    step_ends: list[float]
+    end: float
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """The mean step after the first (which also waits for the text encoders); ``None`` with one step."""
+        steps = [b - a for a, b in zip(self.step_ends, self.step_ends[1:], strict=False)]
+        return sum(steps) / len(steps) if steps else None
+
+
+def timed_call(pipe, arguments: dict, device: torch.device) -> TimedCall:
+    """``pipe(**arguments, output_type="np")`` timed end to end and per step (a step callback synchronizes the device
+    and reads the clock), with the device's peak memory reset first."""
+    step_ends: list[float] = []
+
+    def on_step_end(_pipe, _i, _t, tensors):
+        synchronize(device)
+        step_ends.append(time.perf_counter())
+        return tensors
+
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    output = pipe(**arguments, output_type="np", callback_on_step_end=on_step_end)
+    synchronize(device)
+    return TimedCall(output, start, step_ends, time.perf_counter())

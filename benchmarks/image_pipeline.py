@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from pipeline import REFERENCE_DIR  # noqa: E402
 
 from kandinsky5 import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline  # noqa: E402
 from kandinsky5.models.vae2d import AutoencoderKL2D  # noqa: E402
+from kandinsky5.runtime import memory_plan  # noqa: E402
 from kandinsky5.tiny import TINY_IMAGE_VAE  # noqa: E402
 
 PROMPT = "A cat and a dog baking a cake together in a kitchen."
@@ -49,40 +49,9 @@ SIZE = 1024  # diffusers snaps every size to the models' 1024-class resolutions:
 WARMUP_STEPS = 2
 LATENT_CHANNELS = 16
 
-# The image DiT of the official text-to-image and editing checkpoints.
-IMAGE_DIT = dict(
-    in_visual_dim=LATENT_CHANNELS,
-    out_visual_dim=LATENT_CHANNELS,
-    in_text_dim=3584,
-    in_text_dim2=768,
-    time_dim=512,
-    patch_size=(1, 2, 2),
-    model_dim=2560,
-    ff_dim=10240,
-    num_text_blocks=2,
-    num_visual_blocks=50,
-    axes_dims=(32, 48, 48),
-    visual_cond=False,
-)
-# FLUX's VAE (Diffusers' AutoencoderKL), as in the official image checkpoints' vae/config.json.
-IMAGE_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=LATENT_CHANNELS,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    force_upcast=True,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=True,
-)
+# The official image checkpoints' DiT and FLUX's VAE: the configs the memory plan builds its estimates from.
+IMAGE_DIT = dict(memory_plan.DIT_COMMON, **memory_plan.IMAGE_DIT)
+IMAGE_VAE = dict(memory_plan.FLUX_VAE)
 # Smoke runs: the tiny text encoders' width; the package's tiny image VAE narrowed further (its decode at 1024x1024,
 # the size diffusers insists on, is most of a smoke run's time); the latent size of the separate VAE timing.
 SMOKE_VAE = dict(TINY_IMAGE_VAE, block_out_channels=[4, 4, 8, 8])
@@ -194,23 +163,11 @@ def generation_arguments(args, image: PIL.Image.Image | None) -> dict:
 
 
 def run_pipeline(pipe, args, image, device: torch.device) -> tuple[dict, np.ndarray]:
-    step_ends: list[float] = []
-
-    def on_step_end(_pipe, _i, _t, tensors):
-        common.synchronize(device)
-        step_ends.append(time.perf_counter())
-        return tensors
-
-    common.reset_peak_memory(device)
-    common.synchronize(device)
-    start = time.perf_counter()
-    images = pipe(**generation_arguments(args, image), output_type="np", callback_on_step_end=on_step_end).image
-    common.synchronize(device)
-    end = time.perf_counter()
-    steps = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
+    call = common.timed_call(pipe, generation_arguments(args, image), device)
+    images, start, step_ends, end = call.output.image, call.start, call.step_ends, call.end
     row = {
         "end_to_end_seconds": end - start,
-        "seconds_per_step": sum(steps) / len(steps) if steps else None,
+        "seconds_per_step": call.seconds_per_step,
         "decode_seconds": end - step_ends[-1],  # after the last step: VAE decode and post-processing
         "peak_memory_gib": common.peak_memory_gib(device),
     }

@@ -116,19 +116,9 @@ def generation_arguments(args) -> dict:
 def run_pipeline(
     pipe, args, device: torch.device, out_dir: Path, label: str, export: bool = True
 ) -> tuple[dict, object]:
-    step_ends: list[float] = []
-
-    def on_step_end(_pipe, _i, _t, tensors):
-        common.synchronize(device)
-        step_ends.append(time.perf_counter())
-        return tensors
-
-    common.reset_peak_memory(device)
-    common.synchronize(device)
-    start = time.perf_counter()
-    frames = pipe(**generation_arguments(args), output_type="np", callback_on_step_end=on_step_end).frames[0]
-    common.synchronize(device)
-    sampled_and_decoded = time.perf_counter()
+    call = common.timed_call(pipe, generation_arguments(args), device)
+    frames, start, step_ends = call.output.frames[0], call.start, call.step_ends
+    sampled_and_decoded = call.end
     mp4 = "not asked"
     try:
         if export:
@@ -137,10 +127,9 @@ def run_pipeline(
     except ImportError as error:  # no PyAV (a GPU machine without its wheel): the rest still counts
         mp4 = f"skipped: {error}"
     end = time.perf_counter()
-    steps = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
     row = {
         "end_to_end_seconds": end - start,
-        "seconds_per_step": sum(steps) / len(steps) if steps else None,
+        "seconds_per_step": call.seconds_per_step,
         "decode_and_export_seconds": end - step_ends[-1],
         "mp4_seconds": end - sampled_and_decoded,
         "mp4": mp4,
